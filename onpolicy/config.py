@@ -1,0 +1,229 @@
+"""The run configuration: one pydantic tree, loaded from YAML with `key.sub=value` overrides.
+
+Every field has a docstring (its `description`) and bounds. Unknown fields are errors, so a
+typo fails before anything starts, naming the field. The resolved config is written next to
+every run (`config.yaml` in the run directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    student: str = Field(
+        "toy/student", description="Student model: a Hugging Face model folder (weights + tokenizer)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the student in the learner and the rollout engines."
+    )
+
+
+class TeacherConfig(_Section):
+    kind: Literal["local"] = Field(
+        "local", description="Where the teacher runs. `local`: an in-process model owned by the run."
+    )
+    model: str = Field("toy/teacher", description="Teacher model folder (kind=local).")
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm", description="Local scoring engine: vLLM prompt_logprobs, or transformers as fallback."
+    )
+    top_k: int = Field(
+        0, ge=0, le=4096, description="Ask the teacher for its k most likely tokens per position (0: none)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher dtype.")
+
+
+class DataConfig(_Section):
+    task: Literal["addition", "jsonl"] = Field(
+        "addition", description="`addition`: the embedded toy task; `jsonl`: prompts from a file."
+    )
+    prompts_path: str | None = Field(
+        None, description="For task=jsonl: a file of {\"prompt\": ..., \"answer\": ...} lines."
+    )
+    min_digits: int = Field(1, ge=1, le=9, description="Addition: fewest digits per training operand.")
+    max_digits: int = Field(3, ge=1, le=9, description="Addition: most digits per training operand.")
+    ood_digits: int = Field(
+        4, ge=1, le=12, description="Addition: digits per operand in the out-of-distribution split."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError("data.min_digits must be <= data.max_digits")
+        if self.task == "jsonl" and not self.prompts_path:
+            raise ValueError("data.prompts_path is required when data.task=jsonl")
+        return self
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1, le=256, description="Number of rollout workers (vLLM engines).")
+    prompts_per_step: int = Field(64, ge=1, le=65536, description="Prompts sampled per training step.")
+    samples_per_prompt: int = Field(1, ge=1, le=64, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(16, ge=1, le=32768, description="Completion length cap.")
+    temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1 = on-policy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = on-policy).")
+
+
+class LossConfig(_Section):
+    kind: Literal["reverse_kl", "topk_reverse_kl", "jsd"] = Field(
+        "reverse_kl",
+        description="`reverse_kl`: sampled per-token reverse KL with importance ratio; "
+        "`topk_reverse_kl`: reverse KL over the teacher's top-k plus a tail bucket; "
+        "`jsd`: generalised JSD over the same support.",
+    )
+    kl_coef: float = Field(1.0, gt=0.0, le=100.0, description="Scale c of the advantage A_t = -c r_t.")
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Discount of future per-token KL (0: per-token).")
+    ratio_max: float = Field(
+        10.0, gt=1.0, le=1e6, description="Importance ratios above this are masked out (and counted)."
+    )
+    normalize: Literal["token", "sequence"] = Field(
+        "token", description="Average the loss over all tokens, or per sequence then over sequences."
+    )
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD beta: 0 = forward KL, 1 = reverse KL.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.99, ge=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, gt=0.0, le=1e4, description="Clip the global gradient norm to this.")
+    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine", description="Learning-rate decay after warm-up (to `min_lr_ratio` x lr)."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr as a fraction of lr.")
+    micro_batch_size: int = Field(
+        64, ge=1, le=65536, description="Sequences per forward/backward; gradients accumulate over a step."
+    )
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(200, ge=1, le=10_000_000, description="Training steps (one weight update each).")
+    max_staleness: int = Field(
+        0, ge=0, le=0, description="Policy lag allowed between sampler and learner (0: strictly on-policy)."
+    )
+    log_every: int = Field(1, ge=1, le=1_000_000, description="Console log interval in steps.")
+    max_wall_seconds: float | None = Field(
+        None, gt=0, description="Stop after this much distillation wall time, whatever the step."
+    )
+
+
+class EvalConfig(_Section):
+    every: int = Field(25, ge=0, le=1_000_000, description="Evaluate every N steps (0: only start/end).")
+    num_prompts: int = Field(256, ge=1, le=100_000, description="Held-out in-distribution prompts.")
+    ood_num_prompts: int = Field(128, ge=0, le=100_000, description="Held-out out-of-distribution prompts.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(100, ge=0, le=1_000_000, description="Checkpoint every N steps (0: only at the end).")
+    keep: int = Field(2, ge=1, le=1000, description="How many step checkpoints to keep.")
+
+
+class ResourcesConfig(_Section):
+    vllm_kv_cache_gib: int = Field(1, ge=1, le=1024, description="KV cache per vLLM engine (GiB, CPU).")
+    vllm_threads_bind: str = Field(
+        "nobind", description="VLLM_CPU_OMP_THREADS_BIND for each engine: `nobind`, `auto` or a core list."
+    )
+    worker_num_cpus: float = Field(0.0, ge=0.0, le=1024, description="Ray CPUs reserved per rollout worker.")
+    learner_num_cpus: float = Field(0.0, ge=0.0, le=1024, description="Ray CPUs reserved for the learner.")
+    torch_threads: int = Field(0, ge=0, le=1024, description="torch threads in the learner (0: default).")
+    learner_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device of the learner (auto: cuda if available)."
+    )
+
+
+class RunConfig(_Section):
+    """Everything one distillation run needs."""
+
+    name: str = Field("run", min_length=1, max_length=128, description="Human-readable run name.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for prompts, sampling and init.")
+    output_dir: str = Field("runs/run", description="Where metrics, checkpoints and the student go.")
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.loss.kind != "reverse_kl" and self.teacher.top_k == 0:
+            raise ValueError(f"loss.kind={self.loss.kind} needs teacher.top_k > 0")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (["a", "b"], 3). Values are parsed as YAML scalars (numbers, bools, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (check the spelling; see configs/ for valid keys)")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        source = str(p)
+    return config_from_dict(apply_overrides(data, list(overrides or [])), source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,98 @@
+"""Typed contracts between the parts of onpolicy.
+
+One module that every process imports (rollout workers, teacher, learner, driver, and later
+the HTTP services), so the shapes cannot drift apart. Pydantic models are used for anything
+that crosses a process or network boundary; they pickle cleanly through Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Rollout(BaseModel):
+    """One sampled completion, as produced by a rollout worker.
+
+    `sampler_logprobs[t]` is log q(completion_ids[t] | prompt, completion[:t]) under the
+    weights the worker served (`policy_version`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float]
+    policy_version: int = Field(ge=0)
+    finish_reason: Literal["stop", "length"] = "stop"
+    prompt_index: int = Field(default=-1, description="Index of the prompt in the step's batch.")
+
+    @model_validator(mode="after")
+    def _lengths_match(self) -> Rollout:
+        if len(self.completion_ids) != len(self.sampler_logprobs):
+            raise ValueError(
+                f"completion has {len(self.completion_ids)} tokens but "
+                f"{len(self.sampler_logprobs)} sampler log-probs"
+            )
+        return self
+
+
+class ScoreRequestItem(BaseModel):
+    """A token sequence to score: the teacher returns log-probs of `completion_ids` only."""
+
+    prompt_ids: list[int] = Field(min_length=1)
+    completion_ids: list[int]
+
+
+class TeacherScores(BaseModel):
+    """The teacher's view of one completion.
+
+    `logprobs[t]` = log p_T(completion_ids[t] | prompt, completion[:t]).
+    `top_k[t]` (optional) = the teacher's k most likely next tokens at position t as
+    (token_id, logprob) pairs, most likely first.
+    """
+
+    logprobs: list[float]
+    top_k: list[list[tuple[int, float]]] | None = None
+
+
+class ScoreRequest(BaseModel):
+    """Body of `POST /v1/score` on the teacher service."""
+
+    sequences: list[ScoreRequestItem] = Field(min_length=1)
+    top_k: int = Field(default=0, ge=0, description="Also return the k most likely tokens.")
+
+
+class ScoreUsage(BaseModel):
+    tokens_scored: int = 0
+
+
+class ScoreResponse(BaseModel):
+    scores: list[TeacherScores]
+    model: str
+    usage: ScoreUsage = ScoreUsage()
+
+
+class TeacherInfo(BaseModel):
+    """What a teacher says about itself (`GET /v1/info`); checked against the student."""
+
+    model: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    max_top_k: int
+
+
+class WeightUpdate(BaseModel):
+    """A versioned snapshot of the student's weights, as published by the learner.
+
+    `tensors` is a list of (parameter name in Hugging Face naming, CPU tensor). It travels
+    through the Ray object store, so it is put once and read by every worker.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    version: int = Field(ge=0)
+    tensors: list[tuple[str, object]]
