@@ -1,0 +1,109 @@
+"""The `onpolicy` command. Heavy imports (torch, vLLM, Ray) happen inside each command, so
+`onpolicy --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_CONFIG = "configs/toy.yaml"
+
+
+def _load(config: str | None, overrides: list[str]):
+    from onpolicy.config import load_config
+
+    return load_config(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from onpolicy.driver import train
+
+    cfg = _load(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("steps", "distill_wall_seconds", "before", "after", "student")},
+                     indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from onpolicy.standalone_eval import eval_student
+
+    cfg = _load(args.config, args.overrides)
+    print(json.dumps(eval_student(cfg, args.student), indent=2))
+    return 0
+
+
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from onpolicy.toy.build import build_toy_models
+
+    build_toy_models(args.out, force=args.force)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from onpolicy.demo import run_demo
+
+    run_demo(out=args.out, toy_dir=args.toy_dir, config=args.config, overrides=args.overrides)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onpolicy.bench import run_bench
+
+    run_bench(config=args.config, overrides=args.overrides, steps=args.steps, toy_dir=args.toy_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onpolicy", description="On-policy distillation: vLLM rollouts on Ray, "
+                                "teacher log-probs, a reverse-KL learner.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="distill a student from a config (YAML) with key.sub=value overrides")
+    t.add_argument("config", help="YAML config, e.g. configs/toy.yaml")
+    t.add_argument("overrides", nargs="*", help="e.g. schedule.steps=50 rollout.num_workers=2")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out accuracy and reverse KL to the teacher of a student folder")
+    e.add_argument("--student", required=True, help="Hugging Face model folder of the student")
+    e.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the teacher and data")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(func=cmd_eval)
+
+    toy = sub.add_parser("toy", help="the embedded toy task and models")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    tb = toy_sub.add_parser("build", help="build (or copy the prebuilt) toy teacher and student")
+    tb.add_argument("--out", default="toy", help="writes OUT/teacher and OUT/student")
+    tb.add_argument("--force", action="store_true", help="retrain even if a matching build exists")
+    tb.set_defaults(func=cmd_toy_build)
+
+    d = sub.add_parser("demo", help="the main job: build toy models, distill, report before/after")
+    d.add_argument("--out", default="runs/demo", help="run directory (report.json, plot, student)")
+    d.add_argument("--toy-dir", default="toy", help="where the toy models live (built if missing)")
+    d.add_argument("--config", default=DEFAULT_CONFIG)
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="tokens/s and share of step time per stage on the toy config")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--toy-dir", default="toy")
+    b.add_argument("--config", default=DEFAULT_CONFIG)
+    b.add_argument("overrides", nargs="*")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Config, path and compatibility errors: say what is wrong, no traceback.
+        print(f"onpolicy: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Held-out evaluation: the student samples, the teacher scores, the task checks.
+
+Two numbers per split:
+- `reverse_kl`: mean over completion tokens of log q(y_t) - log p_T(y_t) for completions
+  sampled from the student at temperature 1: a Monte-Carlo estimate of the per-token reverse
+  KL(student || teacher) on the student's own distribution, the quantity distillation lowers.
+- `accuracy`: exact match of the greedy completion against the task's answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onpolicy.data import encode_prompts, exact_match
+from onpolicy.protocols import Teacher
+from onpolicy.toy.task import Example
+from onpolicy.types import Rollout, ScoreRequestItem
+
+
+def shard(items: list, n: int) -> list[list]:
+    """Split into n contiguous, nearly equal parts (order is kept when re-joined)."""
+    k, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + k + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def generate_on(workers, prompts: list[list[int]], **kwargs) -> list[Rollout]:
+    """Fan prompts out over the rollout workers and gather rollouts in prompt order."""
+    import ray
+
+    parts = shard(prompts, len(workers))
+    refs, offsets, offset = [], [], 0
+    for worker, part in zip(workers, parts):
+        if part:
+            seed = kwargs.get("seed")
+            kw = dict(kwargs, seed=None if seed is None else seed + len(refs))
+            refs.append(worker.generate.remote(part, **kw))
+            offsets.append(offset)
+        offset += len(part)
+    rollouts: list[Rollout] = []
+    for off, result in zip(offsets, ray.get(refs)):
+        rollouts.extend(r.model_copy(update={"prompt_index": r.prompt_index + off}) for r in result)
+    return rollouts
+
+
+def score_rollouts(teacher: Teacher, rollouts: list[Rollout], top_k: int = 0):
+    items = [ScoreRequestItem(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids) for r in rollouts]
+    return teacher.score(items, top_k=top_k)
+
+
+def mean_reverse_kl(rollouts: list[Rollout], teacher_logprobs: list[list[float]]) -> float:
+    num, den = 0.0, 0
+    for r, t in zip(rollouts, teacher_logprobs):
+        num += sum(q - p for q, p in zip(r.sampler_logprobs, t))
+        den += len(t)
+    return num / max(den, 1)
+
+
+@dataclass
+class SplitResult:
+    accuracy: float
+    reverse_kl: float
+    mean_completion_tokens: float
+
+
+def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example], *,
+                   max_new_tokens: int, seed: int = 12345) -> SplitResult:
+    prompts = encode_prompts(tokenizer, examples)
+    greedy = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+    correct = sum(exact_match(tokenizer, r.completion_ids, examples[r.prompt_index]) for r in greedy)
+    sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    scores = score_rollouts(teacher, sampled)
+    kl = mean_reverse_kl(sampled, [s.logprobs for s in scores])
+    mean_len = sum(len(r.completion_ids) for r in sampled) / max(len(sampled), 1)
+    return SplitResult(accuracy=correct / max(len(examples), 1), reverse_kl=kl, mean_completion_tokens=mean_len)
+
+
+def evaluate(workers, teacher: Teacher, tokenizer, heldout: list[Example], ood: list[Example], *,
+             max_new_tokens: int, seed: int = 12345) -> dict[str, float]:
+    """Flat metrics dict: `heldout_accuracy`, `heldout_reverse_kl`, `ood_accuracy`, `ood_reverse_kl`."""
+    out: dict[str, float] = {}
+    for name, examples in (("heldout", heldout), ("ood", ood)):
+        if not examples:
+            continue
+        res = evaluate_split(workers, teacher, tokenizer, examples, max_new_tokens=max_new_tokens, seed=seed)
+        out[f"{name}_accuracy"] = res.accuracy
+        out[f"{name}_reverse_kl"] = res.reverse_kl
+        out[f"{name}_completion_tokens"] = res.mean_completion_tokens
+    return out

@@ -1,0 +1,78 @@
+"""The learner as a Ray actor: a thin shell that forwards to `Learner`.
+
+Ray and torch are imported only when an actor is made or started, so importing
+`onpolicy.learner` stays cheap for the CLI and the control API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LearnerShell:
+    """Plain class wrapped by `ray.remote`; every method forwards to a `Learner`."""
+
+    def __init__(self, model_path: str, cfg, *, device: str | None = None, total_steps: int | None = None):
+        from onpolicy.learner.core import Learner
+
+        self.learner = Learner(model_path, cfg, device=device, total_steps=total_steps)
+
+    def train_step(self, rollouts, scores) -> dict[str, float]:
+        return self.learner.train_step(rollouts, scores)
+
+    def weight_update(self):
+        return self.learner.weight_update()
+
+    def score(self, items) -> list[list[float]]:
+        return self.learner.score(items)
+
+    def save_checkpoint(self, path: str) -> None:
+        self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> int:
+        self.learner.load_checkpoint(path)
+        return self.learner.step
+
+    def save_model(self, path: str) -> None:
+        self.learner.save_model(path)
+
+    def step(self) -> int:
+        return self.learner.step
+
+
+_REMOTE_CLASS = None
+
+
+def learner_actor_class():
+    """`ray.remote(LearnerShell)`, made once on first use."""
+    global _REMOTE_CLASS
+    if _REMOTE_CLASS is None:
+        import ray
+
+        _REMOTE_CLASS = ray.remote(LearnerShell)
+    return _REMOTE_CLASS
+
+
+def make_learner_actor(
+    cfg,
+    model_path: str,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float = 0,
+    device: str | None = None,
+    total_steps: int | None = None,
+    **options: Any,
+):
+    """Start a learner actor and return its handle. `num_cpus` defaults to
+    `cfg.resources.learner_num_cpus`; extra keyword arguments go to `.options()` (name, ...)."""
+    cls = learner_actor_class()
+    cpus = cfg.resources.learner_num_cpus if num_cpus is None else num_cpus
+    return cls.options(num_cpus=cpus, num_gpus=num_gpus, **options).remote(
+        model_path, cfg, device=device, total_steps=total_steps
+    )
+
+
+def __getattr__(name: str):
+    if name == "LearnerActor":  # lazily: `from onpolicy.learner.actor import LearnerActor` imports ray
+        return learner_actor_class()
+    raise AttributeError(name)

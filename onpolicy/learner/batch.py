@@ -1,0 +1,179 @@
+"""Turn rollouts and teacher scores into padded tensors for the learner (pure, no model).
+
+Alignment (the one thing to get right): a causal LM's logits at position j predict the token
+at position j + 1. A sequence is `prompt_ids + completion_ids` (length P + C), so completion
+token t (0-based), which sits at position P + t, is PREDICTED at position P + t - 1. Every
+per-token tensor here is indexed by the predicting position:
+
+    input_ids_BL[b, j]   token at position j (right-padded with pad_id)
+    target_ids_BL[b, j]  token at position j + 1, i.e. what logits[b, j] predict (pad_id past the end)
+    mask_BL[b, j]        1.0 iff target_ids_BL[b, j] is a completion token (j = P-1 .. P+C-2)
+    sampler/teacher_logprobs_BL[b, P-1+t] = log-prob of completion token t (0 elsewhere)
+    topk_*_BLK[b, P-1+t, :] = the teacher's top-k at completion token t
+
+So `log_softmax(logits_BLV).gather(-1, target_ids_BL[..., None])` lines up with the log-prob
+tensors and `mask_BL` selects exactly the completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from onpolicy.types import Rollout, TeacherScores
+
+
+@dataclass
+class PackedSequences:
+    """Prompt + completion sequences, right-padded, with the prediction-aligned mask."""
+
+    input_ids_BL: torch.Tensor  # long
+    attention_mask_BL: torch.Tensor  # long, 1 on real tokens
+    target_ids_BL: torch.Tensor  # long, the token each position predicts
+    mask_BL: torch.Tensor  # float, 1 where the target is a completion token
+    prompt_lens: list[int]
+    completion_lens: list[int]
+
+
+@dataclass
+class LearnBatch:
+    """Everything one training step needs, aligned to predicting positions (see module doc)."""
+
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+    target_ids_BL: torch.Tensor
+    mask_BL: torch.Tensor
+    sampler_logprobs_BL: torch.Tensor
+    teacher_logprobs_BL: torch.Tensor
+    topk_ids_BLK: torch.Tensor | None = None  # pad slots: id 0
+    topk_logprobs_BLK: torch.Tensor | None = None  # pad slots: -inf
+    topk_mask_BLK: torch.Tensor | None = None  # bool, True on real slots
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids_BL.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens in the batch (the token-mean denominator)."""
+        return int(self.mask_BL.sum().item())
+
+    @property
+    def num_nonempty_sequences(self) -> int:
+        """Sequences with at least one completion token (the sequence-mean denominator)."""
+        return int((self.mask_BL.sum(dim=1) > 0).sum().item())
+
+    def select(self, start: int, end: int) -> LearnBatch:
+        """Rows [start, end), with trailing all-padding columns trimmed."""
+        length = max(int(self.attention_mask_BL[start:end].sum(dim=1).max().item()), 1)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = None if value is None else value[start:end, :length]
+        return LearnBatch(**out)
+
+    def to(self, device: str | torch.device) -> LearnBatch:
+        return LearnBatch(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            }
+        )
+
+
+def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedSequences:
+    """Concatenate prompt + completion per row and right-pad; see the module doc for alignment."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("cannot pack an empty list of sequences")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"sequence {i}: empty prompt (at least one token is needed to predict from)")
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    B, L = len(prompts), max(lengths)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    targets = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.float32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        seq = torch.tensor(list(p) + list(c), dtype=torch.long)
+        n = len(seq)
+        input_ids[b, :n] = seq
+        attention[b, :n] = 1
+        targets[b, : n - 1] = seq[1:]
+        mask[b, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+    return PackedSequences(
+        input_ids, attention, targets, mask, [len(p) for p in prompts], [len(c) for c in completions]
+    )
+
+
+def build_batch(
+    rollouts: list[Rollout], scores: list[TeacherScores], *, pad_id: int, with_topk: bool = False
+) -> LearnBatch:
+    """Pad rollouts + teacher scores into a `LearnBatch`.
+
+    Raises ValueError when the lists differ in length, when a teacher gives a different number of
+    log-probs (or top-k rows) than the completion has tokens, or when `with_topk` is set and a
+    score carries no top-k."""
+    if len(rollouts) != len(scores):
+        raise ValueError(f"{len(rollouts)} rollouts but {len(scores)} teacher scores")
+    for i, (r, s) in enumerate(zip(rollouts, scores)):
+        if len(s.logprobs) != len(r.completion_ids):
+            raise ValueError(
+                f"sequence {i}: completion has {len(r.completion_ids)} tokens but the teacher "
+                f"returned {len(s.logprobs)} log-probs (one per completion token is required)"
+            )
+        if with_topk:
+            if s.top_k is None:
+                raise ValueError(f"sequence {i}: the loss needs teacher top-k but the score has none")
+            if len(s.top_k) != len(r.completion_ids):
+                raise ValueError(
+                    f"sequence {i}: completion has {len(r.completion_ids)} tokens but the teacher "
+                    f"returned {len(s.top_k)} top-k rows"
+                )
+    packed = pack_sequences([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id)
+    B, L = packed.input_ids_BL.shape
+    sampler = torch.zeros((B, L), dtype=torch.float32)
+    teacher = torch.zeros((B, L), dtype=torch.float32)
+    for b, (r, s) in enumerate(zip(rollouts, scores)):
+        start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
+        sampler[b, start : start + n] = torch.tensor(r.sampler_logprobs, dtype=torch.float32)
+        teacher[b, start : start + n] = torch.tensor(s.logprobs, dtype=torch.float32)
+    batch = LearnBatch(
+        packed.input_ids_BL, packed.attention_mask_BL, packed.target_ids_BL, packed.mask_BL, sampler, teacher
+    )
+    if with_topk:
+        K = max((len(row) for s in scores for row in s.top_k), default=0)
+        K = max(K, 1)
+        ids = torch.zeros((B, L, K), dtype=torch.long)
+        lps = torch.full((B, L, K), float("-inf"), dtype=torch.float32)
+        valid = torch.zeros((B, L, K), dtype=torch.bool)
+        for b, (r, s) in enumerate(zip(rollouts, scores)):
+            start = len(r.prompt_ids) - 1
+            widths = {len(row) for row in s.top_k}
+            if len(widths) == 1 and 0 not in widths:  # the usual case: one k for every row
+                pairs = torch.tensor(s.top_k, dtype=torch.float64)  # [C, k, 2]
+                n, k = pairs.shape[0], pairs.shape[1]
+                ids[b, start : start + n, :k] = pairs[..., 0].long()
+                lps[b, start : start + n, :k] = pairs[..., 1].float()
+                valid[b, start : start + n, :k] = True
+                continue
+            for t, row in enumerate(s.top_k):
+                for j, (tok, lp) in enumerate(row):
+                    ids[b, start + t, j] = tok
+                    lps[b, start + t, j] = lp
+                    valid[b, start + t, j] = True
+        batch.topk_ids_BLK, batch.topk_logprobs_BLK, batch.topk_mask_BLK = ids, lps, valid
+    return batch
+
+
+def split_micro_batches(batch: LearnBatch, micro_batch_size: int) -> list[LearnBatch]:
+    """Consecutive slices of at most `micro_batch_size` sequences, each trimmed to its longest row."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [
+        batch.select(i, min(i + micro_batch_size, batch.num_sequences))
+        for i in range(0, batch.num_sequences, micro_batch_size)
+    ]

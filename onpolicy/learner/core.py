@@ -1,0 +1,268 @@
+"""The learner: a torch student, its optimizer, and one training step (plain Python, no Ray).
+
+`self.step` is the policy version the learner holds: 0 = the initial weights, and each
+`train_step` produces version step + 1. The Ray actor in `actor.py` only forwards to this class.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from onpolicy.config import RunConfig
+from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
+from onpolicy.learner.losses import (
+    generalized_jsd_loss,
+    lr_at,
+    sampled_kl_metrics,
+    sampled_reverse_kl_loss,
+    topk_reverse_kl_loss,
+)
+from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAINER_STATE = "trainer_state.pt"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Learner:
+    """Holds the student and its AdamW optimizer; trains on rollouts scored by the teacher."""
+
+    def __init__(
+        self, model_path: str, cfg: RunConfig, *, device: str | None = None, total_steps: int | None = None
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"student model folder not found: {model_path}")
+        if cfg.resources.torch_threads > 0:
+            torch.set_num_threads(cfg.resources.torch_threads)
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.device = resolve_device(device if device is not None else cfg.resources.learner_device)
+        self.total_steps = total_steps if total_steps is not None else cfg.schedule.steps
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[cfg.model.dtype])
+        self.model.to(self.device)
+        # Eval mode throughout: the importance ratio compares against a sampler without dropout.
+        self.model.eval()
+        self.pad_id = self._pad_id()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        )
+        self.step = 0
+
+    def _pad_id(self) -> int:
+        for tok_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tok_id is not None:
+                return int(tok_id)
+        return 0
+
+    # ----- training -----------------------------------------------------------------------------
+
+    def _forward_logits(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False)
+        return out.logits.float()
+
+    def _micro_batch_loss(self, mb: LearnBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one micro-batch divided by the WHOLE batch's normaliser, and the learner's
+        log-probs of the sampled tokens (detached, for metrics)."""
+        loss_cfg = self.cfg.loss
+        logits_BLV = self._forward_logits(mb.input_ids_BL, mb.attention_mask_BL)
+        logprobs_BL = (
+            torch.log_softmax(logits_BLV, dim=-1).gather(-1, mb.target_ids_BL.unsqueeze(-1)).squeeze(-1)
+        )
+        if loss_cfg.kind == "reverse_kl":
+            loss, _ = sampled_reverse_kl_loss(
+                logprobs_BL,
+                mb.sampler_logprobs_BL,
+                mb.teacher_logprobs_BL,
+                mb.mask_BL,
+                kl_coef=loss_cfg.kl_coef,
+                gamma=loss_cfg.gamma,
+                ratio_max=loss_cfg.ratio_max,
+                normalize=loss_cfg.normalize,
+                normalizer=normalizer,
+            )
+        elif loss_cfg.kind == "topk_reverse_kl":
+            loss, _ = topk_reverse_kl_loss(
+                logits_BLV,
+                mb.topk_ids_BLK,
+                mb.topk_logprobs_BLK,
+                mb.mask_BL,
+                topk_mask_BTK=mb.topk_mask_BLK,
+                normalize=loss_cfg.normalize,
+                normalizer=normalizer,
+            )
+        elif loss_cfg.kind == "jsd":
+            loss, _ = generalized_jsd_loss(
+                logits_BLV,
+                mb.topk_ids_BLK,
+                mb.topk_logprobs_BLK,
+                mb.mask_BL,
+                loss_cfg.beta,
+                topk_mask_BTK=mb.topk_mask_BLK,
+                normalize=loss_cfg.normalize,
+                normalizer=normalizer,
+            )
+        else:
+            raise ValueError(f"unknown loss.kind {loss_cfg.kind!r}")
+        return loss, logprobs_BL.detach()
+
+    def compute_gradients(self, rollouts: list[Rollout], scores: list[TeacherScores]) -> dict[str, float]:
+        """Zero the gradients and accumulate the whole batch's loss gradient over micro-batches.
+
+        Each micro-batch's loss is divided by the whole batch's token (or sequence) count, so the
+        summed gradient equals the gradient of the single-big-batch loss. Returns the loss and the
+        sampled-token metrics; does not step the optimizer."""
+        batch = build_batch(
+            rollouts, scores, pad_id=self.pad_id, with_topk=self.cfg.loss.kind in ("topk_reverse_kl", "jsd")
+        )
+        normalizer = float(
+            batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        learner_lp_BL = torch.zeros_like(batch.mask_BL)
+        row = 0
+        for mb in split_micro_batches(batch, self.cfg.optim.micro_batch_size):
+            loss, lp_BL = self._micro_batch_loss(mb.to(self.device), normalizer)
+            loss.backward()
+            total_loss += loss.item()
+            learner_lp_BL[row : row + mb.num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
+            row += mb.num_sequences
+        metrics = sampled_kl_metrics(
+            learner_lp_BL,
+            batch.sampler_logprobs_BL,
+            batch.teacher_logprobs_BL,
+            batch.mask_BL,
+            self.cfg.loss.ratio_max,
+        )
+        metrics["loss"] = total_loss
+        metrics["learn_tokens"] = float(batch.num_tokens)
+        return metrics
+
+    def train_step(self, rollouts: list[Rollout], scores: list[TeacherScores]) -> dict[str, float]:
+        """One optimizer update on these rollouts; the learner then holds version step + 1."""
+        if not rollouts:
+            raise ValueError("train_step needs at least one rollout")
+        start = time.perf_counter()
+        metrics = self.compute_gradients(rollouts, scores)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        lr = lr_at(self.step, self.cfg.optim, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lengths = [len(r.completion_ids) for r in rollouts]
+        metrics.update(
+            grad_norm=float(grad_norm),
+            lr=lr,
+            policy_lag=self.step - sum(r.policy_version for r in rollouts) / len(rollouts),
+            completion_len_mean=sum(lengths) / len(lengths),
+            truncated_frac=sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        )
+        self.step += 1
+        metrics["learn_seconds"] = time.perf_counter() - start
+        return metrics
+
+    # ----- weights and scoring ------------------------------------------------------------------
+
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(Hugging Face parameter name, detached contiguous CPU copy) for every state-dict entry;
+        the names vLLM's `load_weights` accepts (`model.layers.0.self_attn.q_proj.weight`, ...).
+        Copies, so a snapshot does not change when training goes on."""
+        return [
+            (name, t.detach().to("cpu", copy=True).contiguous())
+            for name, t in self.model.state_dict().items()
+        ]
+
+    def weight_update(self) -> WeightUpdate:
+        return WeightUpdate(version=self.step, tensors=self.weights())
+
+    @torch.no_grad()
+    def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
+        """log pi(completion token t | prompt, completion[:t]) for each item, under the current weights."""
+        if not items:
+            return []
+        packed = pack_sequences(
+            [it.prompt_ids for it in items], [it.completion_ids for it in items], self.pad_id
+        )
+        logits_BLV = self._forward_logits(
+            packed.input_ids_BL.to(self.device), packed.attention_mask_BL.to(self.device)
+        )
+        lp_BL = (
+            torch.log_softmax(logits_BLV, dim=-1)
+            .gather(-1, packed.target_ids_BL.to(self.device).unsqueeze(-1))
+            .squeeze(-1)
+            .cpu()
+        )
+        out = []
+        for b, (p_len, c_len) in enumerate(zip(packed.prompt_lens, packed.completion_lens)):
+            out.append(lp_BL[b, p_len - 1 : p_len - 1 + c_len].tolist())
+        return out
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The student as a Hugging Face folder (weights, config, tokenizer)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """HF folder + `trainer_state.pt` (optimizer, step, RNG), written to a temporary folder next
+        to `path` and renamed into place, so a crash never leaves a half-written checkpoint."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.save_model(tmp)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+        }
+        torch.save(state, tmp / TRAINER_STATE)
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore weights, optimizer state, step and RNG from `save_checkpoint`'s folder."""
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"no {TRAINER_STATE} in checkpoint folder: {path}")
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[self.cfg.model.dtype])
+        self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
+        del loaded
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])

@@ -1,0 +1,80 @@
+"""Per-step metrics: one JSON line per record in the run directory, and a console progress bar.
+
+Records carry a `kind` (`train` or `eval`) so one file holds the whole time series and a
+reader (the report, later the control plane) can filter it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends records to `path` (JSONL) and shows a progress bar on stderr."""
+
+    def __init__(self, path: str | Path, total_steps: int, *, show_progress: bool = True, start_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+        self._bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", file=sys.stderr,
+                             dynamic_ncols=True)
+
+    def write(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"kind": kind, "step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        return record
+
+    def train(self, step: int, metrics: dict[str, Any]) -> None:
+        self.write("train", step, metrics)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(
+                teacher_kl=f"{metrics.get('teacher_kl', float('nan')):.4f}",
+                tok_s=f"{metrics.get('tokens_per_second', 0.0):.0f}",
+                refresh=False,
+            )
+
+    def eval(self, step: int, metrics: dict[str, Any]) -> None:
+        self.write("eval", step, metrics)
+        line = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        self.message(f"[eval step {step}] {line}")
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if kind is None or rec.get("kind") == kind:
+                out.append(rec)
+    return out

@@ -1,0 +1,79 @@
+"""`RolloutWorker`: a Ray actor that owns one `VLLMEngine` (a thin shell; logic is in engine.py).
+
+Ray and vLLM are imported lazily: importing this module costs nothing, and the class is turned
+into an actor only in `make_rollout_workers`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from onpolicy.rollout.engine import check_model_dir, vllm_env
+from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from onpolicy.config import RunConfig
+
+
+class RolloutWorker:
+    """Actor body: every method forwards to the engine. Call through `.remote()`."""
+
+    def __init__(self, model_path: str, **engine_kwargs: Any) -> None:
+        from onpolicy.rollout.engine import VLLMEngine
+
+        self.engine = VLLMEngine(model_path, **engine_kwargs)
+
+    def ready(self) -> bool:
+        """Returns once the engine is up (actor start-up is asynchronous)."""
+        return True
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
+        return self.engine.generate(prompts, **kwargs)
+
+    def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
+        return self.engine.score(items)
+
+    def score_top_k(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
+        return self.engine.score_top_k(items, top_k)
+
+    def load_weights(self, update: WeightUpdate) -> int:
+        return self.engine.load_weights(update)
+
+
+def make_rollout_workers(
+    n: int, model_path: str, cfg: RunConfig, *, max_model_len: int | None = None
+) -> list[ActorHandle]:
+    """Start `n` rollout workers serving `model_path`; blocks until every engine is up.
+
+    Worker i's engine is seeded with `cfg.seed + i`, so unseeded sampling differs per worker.
+    """
+    import ray
+
+    # Fail here, naming the path, rather than inside n actors; workers may not share our cwd.
+    model_path = str(check_model_dir(model_path).resolve())
+    res = cfg.resources
+    actor_cls = ray.remote(RolloutWorker)
+    workers = [
+        actor_cls.options(
+            num_cpus=res.worker_num_cpus,
+            runtime_env={"env_vars": vllm_env(res.vllm_kv_cache_gib, res.vllm_threads_bind)},
+        ).remote(
+            model_path,
+            dtype=cfg.model.dtype,
+            seed=cfg.seed + i,
+            kv_cache_gib=res.vllm_kv_cache_gib,
+            threads_bind=res.vllm_threads_bind,
+            max_model_len=max_model_len,
+        )
+        for i in range(n)
+    ]
+    ray.get([w.ready.remote() for w in workers])
+    return workers

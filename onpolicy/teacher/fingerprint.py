@@ -1,0 +1,105 @@
+"""Is this teacher usable for this student? Their tokenizers must be the same.
+
+On-policy distillation compares log-probs token by token (log q(y_t) - log p_T(y_t) for the
+*same* token id), so a teacher whose ids mean different strings gives garbage silently. A
+fingerprint is a sha256 over the vocabulary (sorted (token, id) pairs) and the special tokens
+with their ids; it is cheap to send over HTTP (`GET /v1/info`) and compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from onpolicy.types import TeacherInfo
+
+
+class TeacherIncompatible(ValueError):
+    """The teacher cannot score the student's tokens; the message names both and the fix."""
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """`AutoTokenizer` from a model folder; FileNotFoundError naming the path if it is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {p}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def _special_tokens(tokenizer: Any) -> list[tuple[str, str, int]]:
+    named = []
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        tok = getattr(tokenizer, name, None)
+        if tok is not None:
+            named.append((name, str(tok), int(tokenizer.convert_tokens_to_ids(str(tok)))))
+    extra = sorted((str(t), int(i)) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    return named + [("special", t, i) for t, i in extra]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 hex of the sorted vocabulary and the special tokens/ids of a HF tokenizer."""
+    payload = {
+        "vocab": sorted((str(t), int(i)) for t, i in tokenizer.get_vocab().items()),
+        "special": _special_tokens(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=True).encode()).hexdigest()
+
+
+def eos_token_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS plus any extra stop ids in generation_config.json, sorted."""
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    gen = Path(model_path) / "generation_config.json"
+    if gen.is_file():
+        extra = json.loads(gen.read_text()).get("eos_token_id")
+        if extra is not None:
+            ids.update(int(i) for i in (extra if isinstance(extra, list) else [extra]))
+    return sorted(ids)
+
+
+def describe_model(model_path: str | Path, *, max_top_k: int = 0, name: str | None = None) -> TeacherInfo:
+    """`TeacherInfo` of a local model folder (what `GET /v1/info` reports for it).
+
+    `vocab_size` is the tokenizer's size (`len(tokenizer)`), not the model's padded logit width.
+    """
+    tok = load_tokenizer(model_path)
+    return TeacherInfo(
+        model=name or str(model_path),
+        vocab_size=len(tok),
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        eos_token_ids=eos_token_ids(model_path, tok),
+        bos_token_id=tok.bos_token_id,
+        max_top_k=max_top_k,
+    )
+
+
+def check_compatible(student_path: str | Path, teacher: TeacherInfo | str | Path) -> TeacherInfo:
+    """Raise `TeacherIncompatible` unless the teacher uses the student's tokenizer and EOS.
+
+    `teacher` is a `TeacherInfo` (from a running teacher) or a model folder. Returns the
+    student's own description.
+    """
+    student = describe_model(student_path)
+    if not isinstance(teacher, TeacherInfo):
+        teacher = describe_model(teacher)
+    fix = "Distill from a teacher that uses the student's tokenizer (same vocabulary and special tokens)."
+    if student.tokenizer_fingerprint != teacher.tokenizer_fingerprint:
+        raise TeacherIncompatible(
+            f"teacher {teacher.model!r} is incompatible with student {student.model!r}: their tokenizers "
+            f"differ (student: vocab size {student.vocab_size}, fingerprint "
+            f"{student.tokenizer_fingerprint[:16]}; teacher: vocab size {teacher.vocab_size}, "
+            f"fingerprint {teacher.tokenizer_fingerprint[:16]}). Log-probs are compared token id by "
+            f"token id, so the ids must mean the same strings. {fix}"
+        )
+    student_eos = set(student.eos_token_ids)
+    if not student_eos <= set(teacher.eos_token_ids):
+        raise TeacherIncompatible(
+            f"teacher {teacher.model!r} and student {student.model!r} end sequences differently: "
+            f"student EOS ids {sorted(student_eos)}, teacher EOS ids {teacher.eos_token_ids} "
+            f"(both vocab size {student.vocab_size}, fingerprint {student.tokenizer_fingerprint[:16]}). "
+            f"The teacher would not score the student's end of sequence as an ending. {fix}"
+        )
+    return student

@@ -1,0 +1,1 @@
+"""HTTP services of onpolicy: the teacher scoring service and the control plane."""

@@ -1,0 +1,118 @@
+"""The whole loop with real vLLM engines, a real learner and Ray: tiny random models, short runs.
+
+One module-scoped run (2 rollout workers, vLLM teacher) is shared by the assertions below,
+since every engine takes ~20 s to start on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onpolicy.config import load_config
+from onpolicy.driver import Run, latest_checkpoint
+from onpolicy.metrics import read_metrics
+from onpolicy.types import ScoreRequestItem
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+
+
+def _cfg(student, teacher, out, *extra):
+    return load_config(None, [
+        f"model.student={student}", f"teacher.model={teacher}", f"output_dir={out}",
+        "rollout.num_workers=2", "rollout.prompts_per_step=32", "rollout.max_new_tokens=6",
+        "optim.lr=0.003", "optim.warmup_steps=0", "optim.schedule=constant", "optim.micro_batch_size=16",
+        f"schedule.steps={STEPS}", "eval.every=6", "eval.num_prompts=64", "eval.ood_num_prompts=16",
+        "checkpoint.every=6", "checkpoint.keep=1", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run = Run(_cfg(tiny_model_dir, tiny_teacher_dir, out), show_progress=False)
+    run.start()
+    summary = run.run()
+    yield run, summary, out
+    run.close()
+
+
+def test_short_run_lowers_heldout_reverse_kl(finished_run):
+    _, summary, _ = finished_run
+    before, after = summary["before"]["heldout_reverse_kl"], summary["after"]["heldout_reverse_kl"]
+    assert summary["steps"] == STEPS
+    assert after < 0.7 * before, f"held-out reverse KL {before:.4f} -> {after:.4f}"
+
+
+def test_every_step_is_logged_on_policy(finished_run):
+    _, _, out = finished_run
+    train = read_metrics(out / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for r in train:
+        # workers serve exactly the learner's new version after every push...
+        assert r["policy_version"] == r["step"]
+        # ...so the sampler and the learner agree on the sampled tokens (weights in sync).
+        assert abs(r["sampler_learner_kl"]) < 1e-3, r
+        assert r["policy_lag"] == 0
+        assert r["sequences"] == 32 and r["sampled_tokens"] > 0
+        assert sum(r[f"{s}_share"] for s in ("rollout", "score", "learn", "push")) == pytest.approx(1.0)
+    evals = read_metrics(out / "metrics.jsonl", kind="eval")
+    assert [e["step"] for e in evals] == [0, 6, STEPS]
+    assert all("ood_reverse_kl" in e and "heldout_accuracy" in e for e in evals)
+
+
+def test_two_workers_serve_the_final_version(finished_run):
+    run, _, _ = finished_run
+    assert len(run.workers) == 2
+    assert ray_get([w.version.remote() for w in run.workers]) == [STEPS, STEPS]
+
+
+def test_weight_push_engine_logprobs_equal_learner_logprobs(finished_run):
+    """After learner steps and pushes, vLLM scores fixed sequences as the learner does (fp32, 1e-4)."""
+    run, _, _ = finished_run
+    items = [ScoreRequestItem(prompt_ids=[1, 5, 6, 14, 7, 15], completion_ids=[9, 4, 2]),
+             ScoreRequestItem(prompt_ids=[1, 13, 14, 13, 15], completion_ids=[5, 12, 10, 11, 2])]
+    learner_lp = ray_get(run.learner.score.remote(items))
+    for worker in run.workers:
+        engine_lp = ray_get(worker.score.remote(items))
+        for a, b in zip(learner_lp, engine_lp):
+            assert len(a) == len(b)
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_checkpoint_and_final_student_written(finished_run):
+    _, summary, out = finished_run
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == f"step_{STEPS:07d}"
+    assert json.loads((ckpt / "driver_state.json").read_text())["step"] == STEPS
+    assert len(list((out / "checkpoints").glob("step_*"))) == 1  # keep=1
+    assert (out / "student" / "config.json").is_file()
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+
+
+def test_resume_continues_from_the_checkpoint(finished_run, tiny_model_dir, tiny_teacher_dir):
+    """A second run on the same directory picks up step, prompt stream and optimiser state."""
+    first, _, out = finished_run
+    first.close()  # free the cores for the resumed run's engines
+    cfg = _cfg(tiny_model_dir, tiny_teacher_dir, out, f"schedule.steps={STEPS + 2}", "eval.every=0")
+    run = Run(cfg, show_progress=False)
+    try:
+        run.start(resume=True)
+        assert run.step == STEPS
+        assert run.source.drawn == STEPS * 32
+        assert ray_get(run.learner.step.remote()) == STEPS
+        summary = run.run()
+    finally:
+        run.close()
+    assert summary["steps"] == STEPS + 2
+    train = read_metrics(out / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train][-2:] == [STEPS + 1, STEPS + 2]
+
+
+def ray_get(refs):
+    import ray
+
+    return ray.get(refs)
