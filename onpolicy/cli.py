@@ -55,6 +55,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from services.teacher.serve import serve_teacher
+
+    serve_teacher(args.model, host=args.host, port=args.port, backend=args.backend, dtype=args.dtype,
+                  api_key_env=args.api_key_env, max_model_len=args.max_model_len)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onpolicy", description="On-policy distillation: vLLM rollouts on Ray, "
                                 "teacher log-probs, a reverse-KL learner.")
@@ -92,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=DEFAULT_CONFIG)
     b.add_argument("overrides", nargs="*")
     b.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="run an HTTP service")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+    st = serve_sub.add_parser("teacher", help="the teacher scoring service (POST /v1/score, GET /v1/info)")
+    st.add_argument("--model", required=True, help="teacher model folder")
+    st.add_argument("--host", default="127.0.0.1")
+    st.add_argument("--port", type=int, default=8100)
+    st.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    st.add_argument("--dtype", default="float32")
+    st.add_argument("--max-model-len", type=int, default=None)
+    st.add_argument("--api-key-env", default="ONPOLICY_TEACHER_API_KEY",
+                    help="environment variable holding the bearer token (unset: no auth)")
+    st.set_defaults(func=cmd_serve_teacher)
     return p
 
 

@@ -1,0 +1,56 @@
+"""`python -m services.teacher --model DIR [--port 8100] [--backend vllm|hf] [--host] [--dtype]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.teacher", description="Serve a teacher model for scoring."
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model folder of the teacher")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--model-name", default=None, help="name reported by /v1/info (default: --model)")
+    p.add_argument(
+        "--api-key-env",
+        default="ONPOLICY_TEACHER_API_KEY",
+        help="environment variable holding the bearer token (unset: no auth)",
+    )
+    p.add_argument("--max-sequences", type=int, default=256, help="per request")
+    p.add_argument("--max-tokens-per-sequence", type=int, default=4096)
+    p.add_argument("--max-batch-sequences", type=int, default=512, help="per merged engine call")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--kv-cache-gib", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from services.teacher.serve import serve_teacher
+
+    serve_teacher(
+        args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        dtype=args.dtype,
+        api_key_env=args.api_key_env or None,
+        model_name=args.model_name,
+        max_sequences=args.max_sequences,
+        max_tokens_per_sequence=args.max_tokens_per_sequence,
+        max_batch_sequences=args.max_batch_sequences,
+        batch_wait_ms=args.batch_wait_ms,
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()
