@@ -28,8 +28,11 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    kind: Literal["local"] = Field(
-        "local", description="Where the teacher runs. `local`: an in-process model owned by the run."
+    kind: Literal["local", "service", "vllm", "sglang"] = Field(
+        "local",
+        description="Where the teacher runs. `local`: an in-process model owned by the run; `service`: our "
+        "teacher service (services/teacher) at `url`; `vllm`: an external vLLM OpenAI-compatible server; "
+        "`sglang`: an external SGLang server.",
     )
     model: str = Field("toy/teacher", description="Teacher model folder (kind=local).")
     backend: Literal["vllm", "hf"] = Field(
@@ -39,6 +42,46 @@ class TeacherConfig(_Section):
         0, ge=0, le=4096, description="Ask the teacher for its k most likely tokens per position (0: none)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher dtype.")
+    url: str | None = Field(
+        None, description="Base URL of a remote teacher (kind=service|vllm|sglang), e.g. http://teacher:8000."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable that holds the remote teacher's bearer token "
+        "(the key itself is never stored in the config).",
+    )
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Per-request timeout for a remote teacher.")
+    max_retries: int = Field(
+        4, ge=0, le=100, description="Retries of a failed request (connection errors, timeouts, 5xx, 429)."
+    )
+    backoff_base_s: float = Field(
+        0.5,
+        gt=0.0,
+        le=60.0,
+        description="First retry waits up to this; the cap doubles each retry (full jitter).",
+    )
+    backoff_max_s: float = Field(30.0, gt=0.0, le=600.0, description="Longest wait between two retries.")
+    max_in_flight: int = Field(4, ge=1, le=1024, description="Most requests in flight to a remote teacher.")
+    breaker_failures: int = Field(
+        5, ge=1, le=1000, description="Consecutive failed requests that open the circuit breaker (degraded)."
+    )
+    breaker_cooldown_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="While the breaker is open, probe the teacher this often."
+    )
+    max_wait_s: float = Field(
+        600.0,
+        gt=0.0,
+        le=86400.0,
+        description="How long a call waits for an unavailable teacher (breaker open) before the run fails.",
+    )
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> TeacherConfig:
+        if self.kind != "local" and not self.url:
+            raise ValueError(f"teacher.url is required when teacher.kind={self.kind}")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.url must start with http:// or https:// (got {self.url!r})")
+        return self
 
 
 class DataConfig(_Section):

@@ -21,6 +21,7 @@ from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.evaluation import evaluate, generate_on, score_rollouts
 from onpolicy.metrics import MetricsLog
+from onpolicy.status import Status, write_status
 
 STAGES = ("rollout", "score", "learn", "push")
 
@@ -74,6 +75,12 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.out / "config.yaml")
         self.show_progress = show_progress
+        self.step = 0
+        self.set_status("starting")
+
+    def set_status(self, status: Status, reason: str | None = None) -> None:
+        self.status = status
+        write_status(self.out, status, step=self.step, reason=reason)
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self, resume: bool = False) -> None:
@@ -159,6 +166,7 @@ class Run:
         import ray
 
         cfg = self.cfg
+        self.set_status("running")
         first_eval = self.evaluate()
         distill_seconds, eval_seconds = 0.0, 0.0
         last_eval, stopped = first_eval, False
@@ -193,6 +201,7 @@ class Run:
             "student": str(self.out / "student"),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.set_status("stopped" if stopped else "finished")
         return summary
 
     def close(self) -> None:
@@ -221,5 +230,8 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -
     try:
         run.start(resume=resume)
         return run.run()
+    except BaseException as err:
+        run.set_status("failed", reason=f"{type(err).__name__}: {err}")
+        raise
     finally:
         run.close()

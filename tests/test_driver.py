@@ -13,6 +13,7 @@ import pytest
 from onpolicy.config import load_config
 from onpolicy.driver import Run, latest_checkpoint
 from onpolicy.metrics import read_metrics
+from onpolicy.status import read_status
 from onpolicy.types import ScoreRequestItem
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,8 @@ def test_checkpoint_and_final_student_written(finished_run):
     assert len(list((out / "checkpoints").glob("step_*"))) == 1  # keep=1
     assert (out / "student" / "config.json").is_file()
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    status = read_status(out)
+    assert status["status"] == "finished" and status["step"] == STEPS
 
 
 def test_resume_continues_from_the_checkpoint(finished_run, tiny_model_dir, tiny_teacher_dir):

@@ -1,0 +1,359 @@
+"""A robust HTTP layer for remote teachers: retries, a circuit breaker, bounded concurrency, usage.
+
+The driver calls `teacher.score` synchronously once per step, so this is a sync httpx client.
+What it does on a failure, and why:
+
+- Connection errors, timeouts, 5xx and 429 are transient: retry with exponential backoff and
+  full jitter (`backoff_delay`), honouring `Retry-After`. Other 4xx mean *our request* is wrong
+  (a too-long sequence, a top-k the server refuses): retrying cannot help, so raise
+  `TeacherRequestError` at once with the status and the server's body.
+- After `breaker_failures` consecutive failed requests the `CircuitBreaker` opens: the run is
+  *degraded* (`on_state_change("open")`). Calls then wait instead of hammering a dead server or
+  failing the run: every `breaker_cooldown_s` one request goes through as a probe (half-open);
+  its success closes the breaker and everybody proceeds. A call that has waited `max_wait_s`
+  raises `TeacherUnavailable`.
+- At most `max_in_flight` requests are on the wire at once (a semaphore).
+- `TeacherUsage` counts requests, retries, failures, tokens scored and keeps a bounded
+  reservoir of latencies for p50/p95.
+
+The pure pieces (`backoff_delay`, `parse_retry_after`, `CircuitBreaker`, `percentile`) take
+their clock and random source as arguments, so tests drive them without sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import httpx
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class TeacherError(RuntimeError):
+    """Base class of remote-teacher failures."""
+
+
+class TeacherRequestError(TeacherError):
+    """The teacher rejected the request (a 4xx other than 429): fix the request, do not retry."""
+
+    def __init__(self, url: str, status: int, body: str) -> None:
+        self.url, self.status, self.body = url, status, body
+        super().__init__(f"teacher {url} rejected the request with HTTP {status}: {body[:2000]}")
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher could not be reached (retries exhausted, or the breaker stayed open too long)."""
+
+
+class TeacherResponseError(TeacherError):
+    """The teacher answered, but the answer is malformed; the message says exactly what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2**attempt)].
+
+    `attempt` counts from 0 (the wait before the first retry). Full jitter spreads the retries of
+    many clients that failed together, so they do not come back in lock-step.
+    """
+    cap = min(max_s, base_s * (2.0 ** min(attempt, 60)))
+    return (rng or random).uniform(0.0, cap)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks; None if empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * min(max(q, 0.0), 100.0) / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class CircuitBreaker:
+    """closed -> open after `failures` consecutive failures -> half_open after `cooldown_s` (one probe).
+
+    `allow()` says whether a request may go now; in half-open only one probe is let through at a
+    time. The probe's `record_success()` closes the breaker, its `record_failure()` re-opens it
+    for another cool-down. `on_state_change(state)` is called (outside the lock) on each transition.
+    """
+
+    def __init__(
+        self,
+        failures: int = 5,
+        cooldown_s: float = 5.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_state_change: Callable[[BreakerState], None] | None = None,
+    ) -> None:
+        if failures < 1 or cooldown_s <= 0:
+            raise ValueError("breaker needs failures >= 1 and cooldown_s > 0")
+        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.on_state_change = on_state_change
+        self._state: BreakerState = "closed"
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+        self.times_opened = 0
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    def _set(self, state: BreakerState) -> BreakerState | None:
+        if state == self._state:
+            return None
+        self._state = state
+        if state == "open":
+            self._opened_at = self.clock()
+            self.times_opened += 1
+        return state
+
+    def _notify(self, changed: BreakerState | None) -> None:
+        if changed is not None and self.on_state_change is not None:
+            self.on_state_change(changed)
+
+    def allow(self) -> bool:
+        with self._lock:
+            changed = None
+            if self._state == "closed":
+                return True
+            if self._state == "open":
+                if self.clock() - self._opened_at < self.cooldown_s:
+                    return False
+                changed = self._set("half_open")
+            if self._probe_in_flight:
+                allowed = False
+            else:
+                self._probe_in_flight = allowed = True
+        self._notify(changed)
+        return allowed
+
+    def seconds_until_probe(self) -> float:
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self.cooldown_s - (self.clock() - self._opened_at))
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._consecutive = 0
+            self._probe_in_flight = False
+            changed = self._set("closed")
+        self._notify(changed)
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._consecutive += 1
+            was_probe, self._probe_in_flight = self._probe_in_flight, False
+            changed = None
+            if self._state == "half_open" and was_probe:
+                # The probe failed: back to open for another full cool-down.
+                changed = self._set("open")
+            elif self._state == "closed" and self._consecutive >= self.failures:
+                changed = self._set("open")
+        self._notify(changed)
+
+
+class TeacherUsage:
+    """Counters of one client, plus a bounded latency reservoir (Algorithm R) for percentiles."""
+
+    def __init__(self, reservoir_size: int = 1024, seed: int = 0) -> None:
+        self.requests = 0  # HTTP attempts sent
+        self.retries = 0  # attempts that were retries
+        self.failures = 0  # attempts that failed (transport error, timeout, 5xx, 429)
+        self.tokens_scored = 0
+        self._size = reservoir_size
+        self._latencies: list[float] = []
+        self._seen = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def add(self, *, requests: int = 0, retries: int = 0, failures: int = 0, tokens_scored: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+            self.failures += failures
+            self.tokens_scored += tokens_scored
+
+    def record_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._seen += 1
+            if len(self._latencies) < self._size:
+                self._latencies.append(seconds)
+            else:
+                j = self._rng.randrange(self._seen)
+                if j < self._size:
+                    self._latencies[j] = seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            lat = list(self._latencies)
+            return {
+                "requests": self.requests,
+                "retries": self.retries,
+                "failures": self.failures,
+                "tokens_scored": self.tokens_scored,
+                "latency_p50_s": percentile(lat, 50),
+                "latency_p95_s": percentile(lat, 95),
+            }
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class RobustClient:
+    """JSON over HTTP with retries, a circuit breaker and bounded concurrency (thread-safe)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        max_in_flight: int = 4,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 5.0,
+        max_wait_s: float = 600.0,
+        on_state_change: Callable[[BreakerState], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.max_wait_s = max_wait_s
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s, on_state_change=on_state_change)
+        self.usage = TeacherUsage()
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._rng = random.Random(seed)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, limits=limits)
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self.usage.snapshot(),
+            "breaker": self.breaker.state,
+            "breaker_opened": self.breaker.times_opened,
+        }
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_json(self, path: str) -> Any:
+        return self.request_json("GET", path)
+
+    def post_json(self, path: str, body: Any) -> Any:
+        return self.request_json("POST", path, body)
+
+    def _wait_for_breaker(self, waiting_since: float | None, path: str, last_error: str) -> float | None:
+        """Block until the breaker lets a request through; returns when this call started waiting."""
+        while not self.breaker.allow():
+            now = time.monotonic()
+            waiting_since = now if waiting_since is None else waiting_since
+            if now - waiting_since >= self.max_wait_s:
+                raise TeacherUnavailable(
+                    f"teacher {self.base_url} unavailable: waited {now - waiting_since:.1f}s "
+                    f"(max_wait_s={self.max_wait_s}) with the circuit breaker open for {path}; "
+                    f"last error: {last_error}. Check that the teacher is up and reachable, "
+                    f"or raise teacher.max_wait_s."
+                )
+            left = self.max_wait_s - (now - waiting_since)
+            time.sleep(max(0.005, min(self.breaker.seconds_until_probe() or 0.02, 0.25, left)))
+        return waiting_since
+
+    def request_json(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request, retrying transient failures; return the decoded JSON body."""
+        attempt = 0  # retries spent while the breaker was closed
+        waiting_since: float | None = None
+        last_error = "none"
+        first = True
+        while True:
+            waiting_since = self._wait_for_breaker(waiting_since, path, last_error)
+            self.usage.add(requests=1, retries=0 if first else 1)
+            first = False
+            retry_after: float | None = None
+            busy = False
+            t0 = time.monotonic()
+            try:
+                with self._slots:
+                    resp = self._http.request(method, path, json=body)
+            except httpx.TimeoutException as err:
+                last_error = f"timed out after {self.timeout_s}s ({type(err).__name__})"
+            except httpx.RequestError as err:  # connection, protocol, decoding errors
+                last_error = f"{type(err).__name__}: {err}"
+            else:
+                if resp.status_code < 400:
+                    self.breaker.record_success()
+                    self.usage.record_latency(time.monotonic() - t0)
+                    try:
+                        return resp.json()
+                    except ValueError:
+                        raise TeacherResponseError(
+                            f"teacher {self.base_url}{path} returned a body that is not JSON: {resp.text[:500]!r}"
+                        ) from None
+                if resp.status_code != 429 and resp.status_code < 500:
+                    # The server is alive and says our request is wrong: not a breaker failure.
+                    self.breaker.record_success()
+                    raise TeacherRequestError(f"{self.base_url}{path}", resp.status_code, resp.text)
+                last_error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                busy = resp.status_code == 429
+            self.usage.add(failures=1)
+            if busy:
+                # 429: the server is alive but busy; back off without counting it against the breaker.
+                self.breaker.record_success()
+            else:
+                self.breaker.record_failure()
+            if self.breaker.state != "closed":
+                continue  # the next iteration waits for the breaker's probe (up to max_wait_s)
+            if attempt >= self.max_retries:
+                raise TeacherUnavailable(
+                    f"teacher {self.base_url}{path} failed after {attempt + 1} attempts "
+                    f"(max_retries={self.max_retries}); last error: {last_error}"
+                )
+            delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
+            if retry_after is not None:
+                delay = min(max(delay, retry_after), self.max_wait_s)
+            attempt += 1
+            time.sleep(delay)

@@ -1,0 +1,202 @@
+"""An external vLLM OpenAI-compatible server as a teacher (checked against vLLM 0.32's own source).
+
+Scoring request, one per chunk of sequences (vLLM takes a list of token-id lists as `prompt`):
+
+    POST /v1/completions
+    {"model": M, "prompt": [[ids of prompt+completion], ...], "max_tokens": 1, "temperature": 0,
+     "prompt_logprobs": k, "return_token_ids": true}
+
+`prompt_logprobs` is a vLLM extension: `choices[i].prompt_logprobs` is a list with one entry per
+input token, `null` for the first and otherwise `{"<id>": {"logprob", "rank", "decoded_token"}}`
+holding the actual token at that position plus the top-k (k=0: the actual token only); -inf is
+sent as -9999. `return_token_ids` makes vLLM echo `choices[i].prompt_token_ids`, which we check.
+The server must allow k: `--max-logprobs` (default 20) caps it, with HTTP 400 above.
+
+vLLM publishes no tokenizer fingerprint, so `info()` probes: `POST /tokenize` of fixed probe
+strings (fingerprint `vllm-probe:<sha256 of the tokenizations>`, comparable with
+`probe_fingerprint(tokenizer)` of a local tokenizer), the vocabulary size from which token ids
+`/v1/completions` rejects as "out of vocabulary", the top-k cap from the 400 message, and
+end-of-sequence ids via `stops_at` (forcing a token with `allowed_token_ids`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from onpolicy.teacher.http import TeacherRequestError
+from onpolicy.teacher.remote import RemoteTeacher
+from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
+
+PROBE_TEXTS = [
+    "Hello, world! 12+34=46",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "  leading spaces,\ttabs\nand newlines  ",
+    "0123456789 +-*/=()[]{}<>",
+    "naïve café, Straße, 東京, привет, 🙂",
+    "def f(x):\n    return x ** 2  # square",
+]
+
+
+def probe_fingerprint(tokenize) -> str:
+    """`vllm-probe:` + sha256 of how `tokenize(text)` (with special tokens) splits `PROBE_TEXTS`.
+
+    `tokenize` is a callable text -> ids, or a Hugging Face tokenizer.
+    """
+    if not callable(tokenize) or hasattr(tokenize, "get_vocab"):
+        tok = tokenize
+        tokenize = lambda text: list(tok(text)["input_ids"])
+    payload = [list(map(int, tokenize(t))) for t in PROBE_TEXTS]
+    return "vllm-probe:" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+class VLLMServerTeacher(RemoteTeacher):
+    """Scores with `prompt_logprobs` on an external vLLM server; `model` from `GET /v1/models` if None."""
+
+    kind = "vllm"
+
+    def __init__(self, url: str, *, model: str | None = None, **kw: Any) -> None:
+        super().__init__(url, **kw)
+        self._model = model
+        self._vocab_size: int | None = None
+        self._max_top_k: int | None = None
+
+    # -- probes ---------------------------------------------------------------------------------
+
+    def model_name(self) -> str:
+        if self._model is None:
+            body = self.client.get_json("/v1/models")
+            data = body.get("data") if isinstance(body, dict) else None
+            if not data or "id" not in data[0]:
+                raise self._bad(f"GET /v1/models lists no model: {str(body)[:300]}")
+            self._model = str(data[0]["id"])
+        return self._model
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = self.client.post_json(
+            "/tokenize",
+            {"model": self.model_name(), "prompt": text, "add_special_tokens": add_special_tokens},
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
+            raise self._bad(f"POST /tokenize returned no tokens: {str(body)[:300]}")
+        return [int(t) for t in body["tokens"]]
+
+    def _complete(self, prompt: list[int], **extra: Any) -> dict[str, Any]:
+        body = {"model": self.model_name(), "prompt": prompt, "max_tokens": 1, "temperature": 0.0, **extra}
+        return self.client.post_json("/v1/completions", body)
+
+    def accepts_token_id(self, token_id: int) -> bool:
+        """Whether the server takes `token_id` as input (False: 'out of vocabulary')."""
+        try:
+            self._complete([token_id])
+        except TeacherRequestError as err:
+            if "out of vocabulary" in err.body:
+                return False
+            raise
+        return True
+
+    def vocab_size(self) -> int:
+        """Number of ids the server accepts (max of tokenizer and model vocab, as vLLM validates)."""
+        if self._vocab_size is None:
+            lo, hi = 0, 1  # invariant after the loop: lo accepted, hi rejected
+            if not self.accepts_token_id(0):
+                raise self._bad("token id 0 is rejected as out of vocabulary")
+            while self.accepts_token_id(hi):
+                lo, hi = hi, hi * 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self.accepts_token_id(mid) else (lo, mid)
+            self._vocab_size = hi
+        return self._vocab_size
+
+    def max_top_k(self) -> int:
+        """Most `prompt_logprobs` the server allows (its `--max-logprobs`; vocab size if unlimited)."""
+        if self._max_top_k is None:
+            vocab = self.vocab_size()
+            try:
+                self._complete([0, 0], prompt_logprobs=vocab)
+                self._max_top_k = vocab
+            except TeacherRequestError as err:
+                m = re.search(r"max allowed:\s*(-?\d+)", err.body)
+                if not m:
+                    raise
+                self._max_top_k = vocab if int(m.group(1)) < 0 else int(m.group(1))
+        return self._max_top_k
+
+    def stops_at(self, token_id: int, prompt: list[int]) -> bool:
+        """Whether generation ends at `token_id` (EOS or a default stop id) after `prompt`."""
+        out = self._complete(prompt, max_tokens=2, allowed_token_ids=[token_id])
+        choices = out.get("choices") or [{}]
+        return choices[0].get("finish_reason") == "stop"
+
+    def info(self) -> TeacherInfo:
+        if self._info is None:
+            bos = self.tokenize("", add_special_tokens=True)
+            self._info = TeacherInfo(
+                model=self.model_name(),
+                vocab_size=self.vocab_size(),
+                tokenizer_fingerprint=probe_fingerprint(self.tokenize),
+                eos_token_ids=[],  # not published by vLLM; check.py probes the student's EOS with stops_at
+                bos_token_id=bos[0] if len(bos) == 1 else None,
+                max_top_k=self.max_top_k(),
+            )
+        return self._info
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
+        seqs = [list(it.prompt_ids) + list(it.completion_ids) for it in items]
+        body = self._complete(seqs, prompt_logprobs=top_k, return_token_ids=True)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(items):
+            n = len(choices) if isinstance(choices, list) else 0
+            raise self._bad(f"sent {len(items)} prompts to /v1/completions, got {n} choices")
+        choices = sorted(choices, key=lambda c: c.get("index", 0))
+        return [
+            self._parse_choice(c, it, seq, top_k, offset + i)
+            for i, (c, it, seq) in enumerate(zip(choices, items, seqs))
+        ]
+
+    def _parse_choice(
+        self, choice: dict[str, Any], item: ScoreRequestItem, seq_ids: list[int], top_k: int, seq: int
+    ) -> TeacherScores:
+        echoed = choice.get("prompt_token_ids")
+        if echoed is not None and list(echoed) != seq_ids:
+            j = next(
+                (j for j, (a, b) in enumerate(zip(seq_ids, echoed)) if a != b), min(len(seq_ids), len(echoed))
+            )
+            raise self._bad(
+                f"sequence {seq}: the server echoed different token ids than were sent "
+                f"(first difference at position {j}; sent {len(seq_ids)} ids, echoed {len(echoed)})"
+            )
+        plp = choice.get("prompt_logprobs")
+        if plp is None:
+            raise self._bad(
+                f"sequence {seq}: the response has no prompt_logprobs, so the server does not return "
+                f"log-probs of given tokens (needs vLLM's `prompt_logprobs` extension on /v1/completions)"
+            )
+        n_p, comp = len(item.prompt_ids), list(item.completion_ids)
+        if len(plp) != len(seq_ids):
+            raise self._bad(
+                f"sequence {seq}: expected {len(seq_ids)} prompt_logprobs entries, got {len(plp)}"
+            )
+        logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] | None = [] if top_k else None
+        for t, tok in enumerate(comp):
+            entry = plp[n_p + t]
+            if not isinstance(entry, dict) or str(tok) not in entry:
+                raise self._bad(f"sequence {seq}, token {t}: no log-prob for the sampled token {tok}")
+            try:
+                logprobs.append(float(entry[str(tok)]["logprob"]))
+                ranked = [(int(k), float(v["logprob"]), v.get("rank")) for k, v in entry.items()]
+            except (KeyError, TypeError, ValueError) as err:
+                raise self._bad(
+                    f"sequence {seq}, token {t}: malformed prompt_logprobs entry ({err!r})"
+                ) from None
+            if tops is not None:
+                # The dict holds the actual token (any rank) plus the top-k: keep ranks 1..k.
+                best = [(i, v) for i, v, r in ranked if r is None or r <= top_k]
+                tops.append(sorted(best, key=lambda p: (-p[1], p[0]))[:top_k])
+        return TeacherScores(logprobs=logprobs, top_k=tops)
