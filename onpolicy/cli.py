@@ -63,6 +63,17 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_check(args: argparse.Namespace) -> int:
+    import os
+
+    from onpolicy.teacher.check import check_teacher
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    report = check_teacher(args.url, args.kind, args.student, api_key=api_key, top_k=args.top_k)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onpolicy", description="On-policy distillation: vLLM rollouts on Ray, "
                                 "teacher log-probs, a reverse-KL learner.")
@@ -113,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--api-key-env", default="ONPOLICY_TEACHER_API_KEY",
                     help="environment variable holding the bearer token (unset: no auth)")
     st.set_defaults(func=cmd_serve_teacher)
+
+    tch = sub.add_parser("teacher", help="external teacher endpoints")
+    tch_sub = tch.add_subparsers(dest="teacher_command", required=True)
+    tc = tch_sub.add_parser("check", help="is this teacher endpoint usable for this student? (exit 1 if not)")
+    tc.add_argument("url", help="base URL, e.g. http://127.0.0.1:8100")
+    tc.add_argument("--student", required=True, help="student model folder (its tokenizer is compared)")
+    tc.add_argument("--kind", choices=["service", "vllm", "sglang"], default="service")
+    tc.add_argument("--top-k", type=int, default=None, help="the top-k the run will ask for")
+    tc.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token")
+    tc.set_defaults(func=cmd_teacher_check)
     return p
 
 

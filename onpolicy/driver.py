@@ -68,15 +68,31 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.student_path = require_model_dir(cfg.model.student, "student")
-        self.teacher_path = require_model_dir(cfg.teacher.model, "teacher")
-        from onpolicy.teacher.fingerprint import check_compatible
+        self.teacher = None
+        if cfg.teacher.kind == "local":
+            from onpolicy.teacher.fingerprint import check_compatible
 
-        check_compatible(self.student_path, self.teacher_path)  # before any engine starts
+            check_compatible(self.student_path, require_model_dir(cfg.teacher.model, "teacher"))
+        else:
+            # An external teacher is checked (reachable, log-probs, tokenizer, EOS) before any engine starts.
+            from onpolicy.teacher.check import assert_compatible
+            from onpolicy.teacher.remote import make_teacher_client
+
+            self.teacher = make_teacher_client(cfg.teacher, on_state_change=self._on_teacher_state)
+            assert_compatible(self.teacher, self.student_path)
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.out / "config.yaml")
         self.show_progress = show_progress
         self.step = 0
         self.set_status("starting")
+
+    def _on_teacher_state(self, state: str) -> None:
+        """The teacher client's circuit breaker opened (scoring paused) or closed again."""
+        if getattr(self, "status", None) in ("running", "degraded"):
+            if state == "closed":
+                self.set_status("running")
+            else:
+                self.set_status("degraded", reason=f"teacher {self.cfg.teacher.url} unreachable; scoring paused")
 
     def set_status(self, status: Status, reason: str | None = None) -> None:
         self.status = status
@@ -97,7 +113,8 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
         self.learner = make_learner_actor(cfg, self.student_path)
         self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
-        self.teacher = make_local_teacher(cfg)
+        if self.teacher is None:
+            self.teacher = make_local_teacher(cfg)
         self.step, drawn = 0, 0
         ckpt = latest_checkpoint(self.out) if resume else None
         if ckpt is not None:
@@ -138,6 +155,9 @@ class Run:
         tokens = sum(len(x.completion_ids) for x in rollouts)
         metrics.update(stage_metrics(seconds, tokens))
         metrics.update(policy_version=versions[0], sampled_tokens=tokens, sequences=len(rollouts))
+        usage = getattr(self.teacher, "usage", None)
+        if usage is not None:
+            metrics.update({f"teacher_{k}": v for k, v in usage().items()})
         self.log.train(self.step, metrics)
         return metrics
 
@@ -216,6 +236,8 @@ class Run:
         for actor in actors:
             if actor is not None:
                 ray.kill(actor)
+        if teacher is not None and hasattr(teacher, "close"):
+            teacher.close()
         self.workers, self.learner, self.teacher = [], None, None
 
 
