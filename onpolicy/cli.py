@@ -63,6 +63,15 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_control(args: argparse.Namespace) -> int:
+    from services.control.serve import serve_control
+
+    serve_control(args.host, args.port, data_dir=args.data_dir, database_url=args.database_url,
+                  ray_address=args.ray_address, max_concurrent_runs=args.max_concurrent_runs,
+                  log_level=args.log_level)
+    return 0
+
+
 def cmd_teacher_check(args: argparse.Namespace) -> int:
     import os
 
@@ -124,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--api-key-env", default="ONPOLICY_TEACHER_API_KEY",
                     help="environment variable holding the bearer token (unset: no auth)")
     st.set_defaults(func=cmd_serve_teacher)
+    from services.control.__main__ import add_serve_arguments
+
+    sc = add_serve_arguments(serve_sub.add_parser("control", help="the control plane REST API (runs, teachers)"))
+    sc.set_defaults(func=cmd_serve_control)
 
     tch = sub.add_parser("teacher", help="external teacher endpoints")
     tch_sub = tch.add_subparsers(dest="teacher_command", required=True)
@@ -134,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--top-k", type=int, default=None, help="the top-k the run will ask for")
     tc.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token")
     tc.set_defaults(func=cmd_teacher_check)
+
+    from onpolicy.client import add_client_commands
+
+    add_client_commands(sub)
     return p
 
 

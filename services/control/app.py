@@ -1,0 +1,75 @@
+"""The control API: `create_app(settings)`; OpenAPI at /docs.
+
+The process holds no training state: runs are detached Ray actors writing to their run
+directory, records live in SQL. At start-up the app reconciles its records with the cluster,
+then a scheduler thread keeps them fresh and starts queued runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from services.control.auth import make_auth_dependency
+from services.control.core import ApiError, Control
+from services.control.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    control = Control(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # The scheduler thread's first tick reconciles the records with what the cluster reports (in the
+        # background: /healthz answers even while Ray is slow to join); without a loop, tick once here.
+        if settings.scheduler_interval_s > 0:
+            control.scheduler.start(settings.scheduler_interval_s)
+        else:
+            try:
+                control.scheduler.tick()
+            except Exception:
+                log.exception("start-up reconciliation failed")
+        yield
+        control.scheduler.close()
+
+    app = FastAPI(title="onpolicy control", version="0.1.0", lifespan=lifespan,
+                  description="Start, watch, stop, pause and resume on-policy distillation runs; attach "
+                  "teachers; fetch the distilled student. Bearer token on every endpoint but /healthz.",
+                  dependencies=[Depends(make_auth_dependency(settings.api_tokens))])
+    app.state.control = control
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return JSONResponse({"detail": err.detail}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        detail = [{"path": ".".join(str(p) for p in e["loc"][1:]), "loc": list(e["loc"]), "msg": e["msg"],
+                   "type": e["type"]} for e in err.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness (no auth)")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics: runs by status, steps, teacher latency",
+             response_class=Response)
+    def metrics() -> Response:
+        from services.control.prom import render_metrics
+
+        body, content_type = render_metrics(control.store)
+        return Response(body, media_type=content_type)
+
+    from services.control.routes_runs import router as runs_router
+    from services.control.routes_teachers import router as teachers_router
+
+    app.include_router(runs_router)
+    app.include_router(teachers_router)
+    return app

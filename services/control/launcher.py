@@ -1,0 +1,188 @@
+"""Where runs execute. `RayLauncher`: one detached driver actor per run on an existing Ray cluster.
+`InMemoryLauncher`: no Ray; runs "start" and "stop" by writing status.json (tests of the HTTP layer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from onpolicy.status import write_status
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The run could not be started (the reason is shown on the run)."""
+
+
+@runtime_checkable
+class Launcher(Protocol):
+    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
+        """Start the run's driver (raise LaunchError if it cannot be)."""
+
+    def request_stop(self, run_id: str, pause: bool) -> bool:
+        """Ask the driver to stop (or pause) after its current step; False if it has no driver."""
+
+    def is_alive(self, run_id: str) -> bool | None:
+        """Whether the run's driver exists (None: cannot tell now, e.g. the cluster is unreachable)."""
+
+    def live_run_ids(self) -> set[str] | None:
+        """Ids of every run that has a driver (None: cannot tell)."""
+
+    def reap(self, run_id: str, force: bool = False) -> bool:
+        """Remove a driver whose run is over (once it has closed its actors; `force`: now)."""
+
+    def free_cpus(self) -> float | None:
+        """CPUs the cluster has free (None: unknown, do not limit)."""
+
+
+class RayLauncher:
+    """Joins the cluster at `address` (RAY_ADDRESS, or `auto`: a cluster already running on this host).
+
+    The API never starts a Ray instance of its own: if it did, killing the API would kill the runs.
+    """
+
+    def __init__(self, address: str | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
+        self._lock = threading.Lock()
+        self._connected = False
+
+    def _ray(self):
+        import ray
+
+        from onpolicy.runner import NAMESPACE
+
+        with self._lock:
+            if not self._connected:
+                if ray.is_initialized():
+                    ray.shutdown()
+                try:
+                    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+                    ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
+                             runtime_env={"env_vars": env})
+                except Exception as err:
+                    raise LaunchError(f"cannot connect to the Ray cluster at {self.address!r}: {err}. Start one "
+                                      "(`ray start --head`) and set RAY_ADDRESS.") from err
+                self._connected = True
+        return ray
+
+    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
+        from onpolicy.runner import launch_driver
+
+        self._ray()
+        self.reap(run_id, force=True)  # a previous driver of this run (stopped/paused) is done
+        try:
+            launch_driver(run_id, cfg, resume=resume)
+        except Exception as err:
+            raise LaunchError(f"could not start the driver actor: {type(err).__name__}: {err}") from err
+
+    def _handle(self, run_id: str):
+        from onpolicy.runner import get_driver
+
+        self._ray()
+        return get_driver(run_id)
+
+    def request_stop(self, run_id: str, pause: bool) -> bool:
+        ray = self._ray()
+        handle = self._handle(run_id)
+        if handle is None:
+            return False
+        try:
+            ray.get((handle.pause if pause else handle.stop).remote(), timeout=30)
+        except Exception as err:  # noqa: BLE001 -- a dead actor: the run is lost, refresh says so
+            log.warning("stop of run %s failed: %s", run_id, err)
+            return False
+        return True
+
+    def is_alive(self, run_id: str) -> bool | None:
+        try:
+            return self._handle(run_id) is not None
+        except LaunchError:
+            return None
+
+    def live_run_ids(self) -> set[str] | None:
+        from onpolicy.runner import NAMESPACE, run_id_of
+
+        try:
+            ray = self._ray()
+            names = ray.util.list_named_actors(all_namespaces=True)
+        except Exception:  # noqa: BLE001
+            return None
+        ids = set()
+        for entry in names:
+            if isinstance(entry, dict) and entry.get("namespace") == NAMESPACE:
+                rid = run_id_of(entry.get("name", ""))
+                if rid:
+                    ids.add(rid)
+        return ids
+
+    def reap(self, run_id: str, force: bool = False) -> bool:
+        ray = self._ray()
+        handle = self._handle(run_id)
+        if handle is None:
+            return False
+        if not force:
+            try:
+                if not ray.get(handle.state.remote(), timeout=10).get("closed"):
+                    return False
+            except Exception as err:  # noqa: BLE001 -- unresponsive: kill it
+                log.info("driver of run %s does not answer (%s); removing it", run_id, err)
+        ray.kill(handle, no_restart=True)
+        return True
+
+    def free_cpus(self) -> float | None:
+        try:
+            return float(self._ray().available_resources().get("CPU", 0.0))
+        except LaunchError:
+            return None
+
+
+class InMemoryLauncher:
+    """Runs that exist only as status files: `submit` writes `running`, a stop writes `stopped`/`paused`.
+
+    For tests of the HTTP layer and the fuzz; `fail_with` makes every submission fail with that reason.
+    """
+
+    def __init__(self, cpus: float | None = None, fail_with: str | None = None):
+        self.cpus = cpus
+        self.fail_with = fail_with
+        self.live: dict[str, dict[str, Any]] = {}
+        self.submits: list[tuple[str, bool]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
+        if self.fail_with:
+            raise LaunchError(self.fail_with)
+        with self._lock:
+            self.submits.append((run_id, resume))
+            self.live[run_id] = {"cfg": cfg, "step": 0}
+        Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
+        write_status(cfg["output_dir"], "running", step=0)
+
+    def request_stop(self, run_id: str, pause: bool) -> bool:
+        with self._lock:
+            entry = self.live.pop(run_id, None)
+        if entry is None:
+            return False
+        write_status(entry["cfg"]["output_dir"], "paused" if pause else "stopped", step=entry["step"])
+        return True
+
+    def is_alive(self, run_id: str) -> bool | None:
+        return run_id in self.live
+
+    def live_run_ids(self) -> set[str] | None:
+        return set(self.live)
+
+    def reap(self, run_id: str, force: bool = False) -> bool:
+        return self.live.pop(run_id, None) is not None
+
+    def free_cpus(self) -> float | None:
+        return self.cpus
+
+    def lose(self, run_id: str) -> None:
+        """Simulate a driver that died (node lost) without writing a final status."""
+        self.live.pop(run_id, None)
