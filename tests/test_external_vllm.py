@@ -126,3 +126,33 @@ def test_check_fails_when_log_probs_are_not_returned(vllm_url, tiny_model_dir):
     item = next(i for i in report.items if i.name == "logprobs")
     assert item.status == "fail" and not report.ok
     assert "does not return log-probs" in item.message and "prompt_logprobs" in item.message
+
+
+def test_in_process_teacher_our_service_and_vllm_server_agree(vllm_url, tiny_teacher_dir, ray_session):
+    """The same sequences scored three ways agree within 1e-4 (float32), top-k entries included."""
+    from servers import free_port, start_teacher_server, stop_server, wait_healthy
+
+    from onpolicy.config import load_config
+    from onpolicy.teacher.actor import make_local_teacher
+    from onpolicy.teacher.remote import ServiceTeacher
+
+    in_process = make_local_teacher(load_config(None, [f"teacher.model={tiny_teacher_dir}"]))
+    port = free_port()
+    proc = start_teacher_server(tiny_teacher_dir, port, backend="vllm")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
+        with ServiceTeacher(f"http://127.0.0.1:{port}") as service, VLLMServerTeacher(vllm_url) as server:
+            for k in (0, 5):
+                ways = [in_process.score(BATCH, top_k=k), service.score(BATCH, top_k=k),
+                        server.score(BATCH, top_k=k)]
+                for a, b in ((0, 1), (0, 2), (1, 2)):
+                    for x, y in zip(ways[a], ways[b]):
+                        assert len(x.logprobs) == len(y.logprobs)
+                        assert all(math.isclose(p, q, abs_tol=1e-4) for p, q in zip(x.logprobs, y.logprobs))
+                        if k:
+                            for rx, ry in zip(x.top_k, y.top_k):
+                                assert [i for i, _ in rx] == [i for i, _ in ry]
+                                assert all(math.isclose(p, q, abs_tol=1e-4) for (_, p), (_, q) in zip(rx, ry))
+    finally:
+        stop_server(proc)
+        ray_session.kill(in_process.handle)

@@ -30,7 +30,25 @@ def test_mean_reverse_kl_is_token_weighted():
     r1 = Rollout(prompt_ids=[1], completion_ids=[3, 4], sampler_logprobs=[-0.1, -0.2], policy_version=0)
     r2 = Rollout(prompt_ids=[1], completion_ids=[5], sampler_logprobs=[-1.0], policy_version=0)
     kl = mean_reverse_kl([r1, r2], [[-0.5, -0.2], [-1.6]])
-    assert kl == pytest.approx((0.4 + 0.0 + 0.6) / 3)
+    k3 = [math.expm1(-d) + d for d in (0.4, 0.0, 0.6)]  # r = log q - log p per token
+    assert kl == pytest.approx(sum(k3) / 3)
+    # never negative, even where the teacher is more confident than the student on a token
+    assert mean_reverse_kl([r2], [[-0.5]]) > 0
+
+
+def test_k3_estimator_is_unbiased_for_reverse_kl():
+    import random
+
+    q, p = [0.7, 0.2, 0.1], [0.5, 0.3, 0.2]
+    exact = sum(a * math.log(a / b) for a, b in zip(q, p))
+    rng = random.Random(0)
+    rolls, teach = [], []
+    for _ in range(20000):
+        i = rng.choices(range(3), weights=q)[0]
+        rolls.append(Rollout(prompt_ids=[1], completion_ids=[i], sampler_logprobs=[math.log(q[i])],
+                             policy_version=0))
+        teach.append([math.log(p[i])])
+    assert mean_reverse_kl(rolls, teach) == pytest.approx(exact, rel=0.05)
 
 
 def test_stage_metrics_shares_sum_to_one():
