@@ -18,7 +18,7 @@ from onpolicy.types import ScoreRequestItem
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
+STEPS = 24
 
 
 def _cfg(student, teacher, out, *extra):
@@ -26,8 +26,8 @@ def _cfg(student, teacher, out, *extra):
         f"model.student={student}", f"teacher.model={teacher}", f"output_dir={out}",
         "rollout.num_workers=2", "rollout.prompts_per_step=32", "rollout.max_new_tokens=6",
         "optim.lr=0.003", "optim.warmup_steps=0", "optim.schedule=constant", "optim.micro_batch_size=16",
-        f"schedule.steps={STEPS}", "eval.every=6", "eval.num_prompts=64", "eval.ood_num_prompts=16",
-        "checkpoint.every=6", "checkpoint.keep=1", *extra,
+        f"schedule.steps={STEPS}", "eval.every=12", "eval.num_prompts=64", "eval.ood_num_prompts=16",
+        "checkpoint.every=12", "checkpoint.keep=1", *extra,
     ])
 
 
@@ -61,7 +61,7 @@ def test_every_step_is_logged_on_policy(finished_run):
         assert r["sequences"] == 32 and r["sampled_tokens"] > 0
         assert sum(r[f"{s}_share"] for s in ("rollout", "score", "learn", "push")) == pytest.approx(1.0)
     evals = read_metrics(out / "metrics.jsonl", kind="eval")
-    assert [e["step"] for e in evals] == [0, 6, STEPS]
+    assert [e["step"] for e in evals] == [0, 12, STEPS]
     assert all("ood_reverse_kl" in e and "heldout_accuracy" in e for e in evals)
 
 

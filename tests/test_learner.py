@@ -268,13 +268,12 @@ def test_wire_types_pickle_round_trip():
 
 
 @pytest.mark.slow
-def test_learner_actor_through_ray(tiny_model, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_learner_actor_through_ray(tiny_model, tmp_path, ray_session):
     from onpolicy.learner.actor import make_learner_actor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = ray_session
+    actor = make_learner_actor(make_cfg(), tiny_model, num_cpus=1, device="cpu")
     try:
-        actor = make_learner_actor(make_cfg(), tiny_model, num_cpus=1, device="cpu")
         assert ray.get(actor.step.remote()) == 0
         item = ScoreRequestItem(prompt_ids=PROMPTS[0], completion_ids=COMPLETIONS[0])
         lps = ray.get(actor.score.remote([item]))[0]
@@ -291,4 +290,4 @@ def test_learner_actor_through_ray(tiny_model, tmp_path):
         ray.get(actor.save_checkpoint.remote(str(tmp_path / "c")))
         assert ray.get(actor.load_checkpoint.remote(str(tmp_path / "c"))) == 1
     finally:
-        ray.shutdown()
+        ray.kill(actor)
