@@ -36,3 +36,14 @@ def test_demo_writes_report_plot_and_student(tmp_path):
     assert (out / "student" / "model.safetensors").is_file()
     assert "gap closed" in res.stdout
     assert (toy / "teacher" / "build.json").is_file()  # built (copied) because it was missing
+
+    # `onpolicy eval` of the distilled student reproduces the run's final greedy accuracy
+    ev = subprocess.run(
+        [sys.executable, "-m", "onpolicy.cli", "eval", "--student", str(out / "student"),
+         f"teacher.model={toy / 'teacher'}", "eval.num_prompts=64", "eval.ood_num_prompts=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert metrics["heldout_accuracy"] == pytest.approx(rep["student_accuracy_after"])
+    assert metrics["heldout_reverse_kl"] >= 0 and "ood_accuracy" in metrics
