@@ -96,8 +96,11 @@ class Learner:
                 normalize=loss_cfg.normalize,
                 normalizer=normalizer,
             )
-        elif loss_cfg.kind == "topk_reverse_kl":
-            loss, _ = topk_reverse_kl_loss(
+        elif loss_cfg.kind in ("topk_reverse_kl", "jsd"):
+            # Both compare the learner with the teacher over its top-k support plus a tail bucket.
+            extra = {"beta": loss_cfg.beta} if loss_cfg.kind == "jsd" else {}
+            loss_fn = generalized_jsd_loss if loss_cfg.kind == "jsd" else topk_reverse_kl_loss
+            loss, _ = loss_fn(
                 logits_BLV,
                 mb.topk_ids_BLK,
                 mb.topk_logprobs_BLK,
@@ -105,17 +108,7 @@ class Learner:
                 topk_mask_BTK=mb.topk_mask_BLK,
                 normalize=loss_cfg.normalize,
                 normalizer=normalizer,
-            )
-        elif loss_cfg.kind == "jsd":
-            loss, _ = generalized_jsd_loss(
-                logits_BLV,
-                mb.topk_ids_BLK,
-                mb.topk_logprobs_BLK,
-                mb.mask_BL,
-                loss_cfg.beta,
-                topk_mask_BTK=mb.topk_mask_BLK,
-                normalize=loss_cfg.normalize,
-                normalizer=normalizer,
+                **extra,
             )
         else:
             raise ValueError(f"unknown loss.kind {loss_cfg.kind!r}")
