@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_CONFIG = "configs/toy.yaml"
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        # Config, path and compatibility errors: say what is wrong, no traceback.
+        # Config, path and compatibility errors: say what is wrong, no traceback
+        # (ONPOLICY_DEBUG=1 shows it, for errors that are bugs rather than bad input).
+        if os.environ.get("ONPOLICY_DEBUG") == "1":
+            raise
         print(f"onpolicy: error: {err}", file=sys.stderr)
         return 2
 
