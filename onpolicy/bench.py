@@ -46,7 +46,6 @@ def run_bench(config: str | None, overrides: list[str], steps: int = 20, toy_dir
                                f"output_dir={out}", f"schedule.steps={steps + warmup}", *overrides])
     run = Run(cfg, show_progress=False)
     try:
-        run.start()
         records = [run.train_step() for _ in range(steps + warmup)][warmup:]
     finally:
         run.close()

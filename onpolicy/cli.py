@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onpolicy.standalone_eval import eval_student
+    from onpolicy.eval_student import eval_student
 
     cfg = _load(args.config, args.overrides)
     print(json.dumps(eval_student(cfg, args.student), indent=2))
@@ -57,10 +57,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from services.teacher.serve import serve_teacher
+    from services.teacher.__main__ import serve_from_args
 
-    serve_teacher(args.model, host=args.host, port=args.port, backend=args.backend, dtype=args.dtype,
-                  api_key_env=args.api_key_env, max_model_len=args.max_model_len)
+    serve_from_args(args)
     return 0
 
 
@@ -74,11 +73,10 @@ def cmd_serve_control(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_check(args: argparse.Namespace) -> int:
-    import os
-
     from onpolicy.teacher.check import check_teacher
+    from onpolicy.teacher.factory import api_key_from_env
 
-    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    api_key = api_key_from_env(args.api_key_env)
     report = check_teacher(args.url, args.kind, args.student, api_key=api_key, top_k=args.top_k)
     print(report.render())
     return 0 if report.ok else 1
@@ -124,19 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run an HTTP service")
     serve_sub = serve.add_subparsers(dest="service", required=True)
-    st = serve_sub.add_parser("teacher", help="the teacher scoring service (POST /v1/score, GET /v1/info)")
-    st.add_argument("--model", required=True, help="teacher model folder")
-    st.add_argument("--host", default="127.0.0.1")
-    st.add_argument("--port", type=int, default=8100)
-    st.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
-    st.add_argument("--dtype", default="float32")
-    st.add_argument("--max-model-len", type=int, default=None)
-    st.add_argument("--api-key-env", default="ONPOLICY_TEACHER_API_KEY",
-                    help="environment variable holding the bearer token (unset: no auth)")
-    st.set_defaults(func=cmd_serve_teacher)
-    from services.control.__main__ import add_serve_arguments
+    from services.control.__main__ import add_serve_arguments as add_control_arguments
+    from services.teacher.__main__ import add_serve_arguments as add_teacher_arguments
 
-    sc = add_serve_arguments(serve_sub.add_parser("control", help="the control plane REST API (runs, teachers)"))
+    st = add_teacher_arguments(serve_sub.add_parser(
+        "teacher", help="the teacher scoring service (POST /v1/score, GET /v1/info)"))
+    st.set_defaults(func=cmd_serve_teacher)
+    sc = add_control_arguments(serve_sub.add_parser("control", help="the control plane REST API (runs, teachers)"))
     sc.set_defaults(func=cmd_serve_control)
 
     tch = sub.add_parser("teacher", help="external teacher endpoints")

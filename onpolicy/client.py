@@ -16,7 +16,9 @@ from typing import Any
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-class ApiError(RuntimeError):
+class ControlRequestError(RuntimeError):
+    """The control API answered with an HTTP error (status and the API's `detail`)."""
+
     def __init__(self, status: int, detail: Any):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
@@ -24,7 +26,7 @@ class ApiError(RuntimeError):
 
 
 class ControlClient:
-    """`ControlClient(server, token)`: one method per endpoint; errors raise ApiError(status, detail)."""
+    """`ControlClient(server, token)`: one method per endpoint; errors raise ControlRequestError(status, detail)."""
 
     def __init__(self, server: str | None = None, token: str | None = None, timeout_s: float = 60.0):
         import httpx
@@ -50,7 +52,7 @@ class ControlClient:
                 detail = r.json().get("detail")
             except ValueError:
                 detail = r.text
-            raise ApiError(r.status_code, detail)
+            raise ControlRequestError(r.status_code, detail)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
     # ---- runs ------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ class ControlClient:
         with self.http.stream("GET", f"/v1/runs/{run_id}/artifacts/student.tar.gz") as r:
             if r.status_code >= 400:
                 r.read()
-                raise ApiError(r.status_code, r.text)
+                raise ControlRequestError(r.status_code, r.text)
             with open(dest, "wb") as f:
                 f.writelines(r.iter_bytes())
         return dest
@@ -106,7 +108,7 @@ class ControlClient:
         with self.http.stream("GET", f"/v1/runs/{run_id}/events", timeout=timeout) as r:
             if r.status_code >= 400:
                 r.read()
-                raise ApiError(r.status_code, r.text)
+                raise ControlRequestError(r.status_code, r.text)
             event, data = "message", []
             for line in r.iter_lines():
                 if not line:
@@ -238,7 +240,7 @@ def _guard(func):
 
         try:
             return func(args)
-        except ApiError as err:
+        except ControlRequestError as err:
             print(f"onpolicy: error: {err}", file=sys.stderr)
             return 2
         except httpx.HTTPError as err:

@@ -154,7 +154,6 @@ class ScheduleConfig(_Section):
     max_staleness: int = Field(
         0, ge=0, le=0, description="Policy lag allowed between sampler and learner (0: strictly on-policy)."
     )
-    log_every: int = Field(1, ge=1, le=1_000_000, description="Console log interval in steps.")
     max_wall_seconds: float | None = Field(
         None, gt=0, description="Stop after this much distillation wall time, whatever the step."
     )
@@ -235,14 +234,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def config_error_items(err: ValidationError) -> list[dict[str, Any]]:
+    """Each config error as {path (e.g. `rollout.max_new_tokens`), loc, msg, type, input}: the one wording
+    the CLI and the control API both show."""
+    out = []
+    for e in err.errors():
+        unknown = e["type"] == "extra_forbidden"
+        out.append({
+            "path": ".".join(str(p) for p in e["loc"]) or "(top level)",
+            "loc": [str(p) for p in e["loc"]],
+            "msg": "unknown field (check the spelling; see configs/ for valid keys)" if unknown else e["msg"],
+            "type": e["type"],
+            "input": None if unknown else e.get("input"),
+        })
+    return out
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown field (check the spelling; see configs/ for valid keys)")
-        else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    for e in config_error_items(err):
+        got = "" if e["type"] == "extra_forbidden" else f" (got {e['input']!r})"
+        lines.append(f"  {e['path']}: {e['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from onpolicy.config import DataConfig, EvalConfig
-from onpolicy.toy.task import AdditionTask, Example
+from onpolicy.toy.task import AdditionTask
+from onpolicy.types import Example
 
 
 class PromptSource:

@@ -3,14 +3,14 @@
     rollout (vLLM workers, policy v) -> score (teacher) -> learn (learner, v -> v+1) -> push (v+1 to every worker)
 
 The driver owns the actors of one run and nothing else; every piece of maths lives in the
-learner, every engine detail in the rollout/teacher packages. Metrics go to
-`<output_dir>/metrics.jsonl` (kind=train every step, kind=eval on the schedule).
+learner, every engine detail in the rollout/teacher packages, and the teacher, whatever its kind,
+comes from `open_teacher`. Metrics go to `<output_dir>/metrics.jsonl` (kind=train every step,
+kind=eval on the schedule).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,34 +19,13 @@ from typing import Any
 
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
-from onpolicy.evaluation import evaluate, generate_on, score_rollouts
+from onpolicy.heldout import eval_seed, evaluate, score_rollouts
 from onpolicy.metrics import MetricsLog
-from onpolicy.status import Status, write_status
+from onpolicy.model_dir import require_model_dir
+from onpolicy.rollout.pool import generate_on, push_weights
+from onpolicy.status import RunStatus, write_status
 
 STAGES = ("rollout", "score", "learn", "push")
-
-
-def require_model_dir(path: str, role: str) -> str:
-    """Fail early, naming the path, before any engine starts."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        hint = " (run `onpolicy toy build --out toy` to build the toy models)" if "toy" in str(p) else ""
-        raise FileNotFoundError(f"{role} model folder not found or has no config.json: {p}{hint}")
-    return str(p.resolve())
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS if set, else start a local Ray instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        log_to_driver=os.environ.get("ONPOLICY_RAY_LOGS", "0") == "1",
-        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
-    )
 
 
 def stage_metrics(seconds: dict[str, float], tokens: int) -> dict[str, float]:
@@ -62,77 +41,69 @@ def stage_metrics(seconds: dict[str, float], tokens: int) -> dict[str, float]:
 
 
 class Run:
-    """One distillation run: its actors, prompt stream, metrics log and checkpoints."""
+    """One distillation run: its actors, prompt stream, metrics log and checkpoints.
 
-    def __init__(self, cfg: RunConfig, *, show_progress: bool = True):
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        self.student_path = require_model_dir(cfg.model.student, "student")
-        self.teacher = None
-        if cfg.teacher.kind == "local":
-            from onpolicy.teacher.fingerprint import check_compatible
+    Built in one go: the student folder and the teacher are checked first (before any engine
+    starts), then the actors start; if anything fails half-way, what was started is closed."""
 
-            check_compatible(self.student_path, require_model_dir(cfg.teacher.model, "teacher"))
-        else:
-            # An external teacher is checked (reachable, log-probs, tokenizer, EOS) before any engine starts.
-            from onpolicy.teacher.check import assert_compatible
-            from onpolicy.teacher.remote import make_teacher_client
-
-            self.teacher = make_teacher_client(cfg.teacher, on_state_change=self._on_teacher_state)
-            assert_compatible(self.teacher, self.student_path)
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.out / "config.yaml")
-        self.show_progress = show_progress
-        self.step = 0
-        self.set_status("starting")
-
-    def _on_teacher_state(self, state: str) -> None:
-        """The teacher client's circuit breaker opened (scoring paused) or closed again."""
-        if getattr(self, "status", None) in ("running", "degraded"):
-            if state == "closed":
-                self.set_status("running")
-            else:
-                self.set_status("degraded", reason=f"teacher {self.cfg.teacher.url} unreachable; scoring paused")
-
-    def set_status(self, status: Status, reason: str | None = None) -> None:
-        self.status = status
-        write_status(self.out, status, step=self.step, reason=reason)
-
-    # ---- set-up -------------------------------------------------------------------------
-    def start(self, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, show_progress: bool = True):
         import ray
         from transformers import AutoTokenizer
 
         from onpolicy.learner.actor import make_learner_actor
+        from onpolicy.ray_utils import init_ray
         from onpolicy.rollout.worker import make_rollout_workers
-        from onpolicy.teacher.actor import make_local_teacher
-        from onpolicy.weights import push_weights
+        from onpolicy.teacher.factory import open_teacher
 
-        init_ray()
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
-        self.learner = make_learner_actor(cfg, self.student_path)
-        self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
-        if self.teacher is None:
-            self.teacher = make_local_teacher(cfg)
-        self.step, drawn = 0, 0
-        ckpt = latest_checkpoint(self.out) if resume else None
-        if ckpt is not None:
-            ray.get(self.learner.load_checkpoint.remote(str(ckpt)))
-            state = json.loads((ckpt / "driver_state.json").read_text())
-            self.step, drawn = state["step"], state["prompts_drawn"]
-            push_weights(self.learner.weight_update.remote(), self.workers)
-        self.source = PromptSource(cfg.data, cfg.eval, cfg.seed, skip=drawn)
-        self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=self.show_progress,
-                              start_step=self.step)
-        if ckpt is not None:
-            self.log.message(f"resumed from {ckpt} at step {self.step}")
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.status = RunStatus.STARTING
+        self.teacher, self.learner, self.workers, self.log = None, None, [], None
+        self.student_path = str(require_model_dir(cfg.model.student, "student"))
+        try:
+            init_ray()
+            # Checked against the student (reachable, tokenizer, EOS, top-k) before any other engine starts.
+            self.teacher = open_teacher(cfg.teacher, student=self.student_path, seed=cfg.seed,
+                                        resources=cfg.resources, on_state_change=self._on_teacher_state)
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+            self.set_status(RunStatus.STARTING)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
+            self.learner = make_learner_actor(cfg, self.student_path)
+            self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
+            drawn = 0
+            ckpt = latest_checkpoint(self.out) if resume else None
+            if ckpt is not None:
+                ray.get(self.learner.load_checkpoint.remote(str(ckpt)))
+                state = json.loads((ckpt / "driver_state.json").read_text())
+                self.step, drawn = state["step"], state["prompts_drawn"]
+                push_weights(self.learner.weight_update.remote(), self.workers)
+            self.source = PromptSource(cfg.data, cfg.eval, cfg.seed, skip=drawn)
+            self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=show_progress,
+                                  start_step=self.step)
+            if ckpt is not None:
+                self.log.message(f"resumed from {ckpt} at step {self.step}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_teacher_state(self, state: str) -> None:
+        """The teacher client's circuit breaker opened (scoring paused) or closed again."""
+        if self.status in (RunStatus.RUNNING, RunStatus.DEGRADED):
+            if state == "closed":
+                self.set_status(RunStatus.RUNNING)
+            else:
+                self.set_status(RunStatus.DEGRADED,
+                                reason=f"teacher {self.cfg.teacher.url} unreachable; scoring paused")
+
+    def set_status(self, status: RunStatus, reason: str | None = None) -> None:
+        self.status = status
+        write_status(self.out, status, step=self.step, reason=reason)
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         import ray
-
-        from onpolicy.weights import push_weights
 
         cfg, r = self.cfg, self.cfg.rollout
         seconds: dict[str, float] = {}
@@ -155,15 +126,13 @@ class Run:
         tokens = sum(len(x.completion_ids) for x in rollouts)
         metrics.update(stage_metrics(seconds, tokens))
         metrics.update(policy_version=versions[0], sampled_tokens=tokens, sequences=len(rollouts))
-        usage = getattr(self.teacher, "usage", None)
-        if usage is not None:
-            metrics.update({f"teacher_{k}": v for k, v in usage().items()})
+        metrics.update({f"teacher_{k}": v for k, v in self.teacher.usage().items()})
         self.log.train(self.step, metrics)
         return metrics
 
     def evaluate(self) -> dict[str, float]:
         res = evaluate(self.workers, self.teacher, self.tokenizer, self.source.heldout, self.source.ood,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed + 12345)
+                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed))
         self.log.eval(self.step, res)
         return res
 
@@ -181,12 +150,16 @@ class Run:
         return path
 
     # ---- the loop -----------------------------------------------------------------------
-    def run(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-        """Train to `schedule.steps` (or the wall-time cap / a stop request); returns a summary."""
+    def run(self, should_stop: Callable[[], bool] = lambda: False,
+            stopped_status: Callable[[], RunStatus] = lambda: RunStatus.STOPPED) -> dict[str, Any]:
+        """Train to `schedule.steps` (or the wall-time cap / a stop request); returns a summary.
+
+        A run that was asked to stop ends as `stopped_status()` (the run actor says `paused` when a
+        pause was asked)."""
         import ray
 
         cfg = self.cfg
-        self.set_status("running")
+        self.set_status(RunStatus.RUNNING)
         first_eval = self.evaluate()
         distill_seconds, eval_seconds = 0.0, 0.0
         last_eval, stopped = first_eval, False
@@ -221,24 +194,21 @@ class Run:
             "student": str(self.out / "student"),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.set_status("stopped" if stopped else "finished")
+        self.set_status(stopped_status() if stopped else RunStatus.FINISHED)
         return summary
 
     def close(self) -> None:
         """Stop this run's actors and close the log (safe to call twice)."""
         import ray
 
-        if getattr(self, "log", None) is not None:
+        if self.log is not None:
             self.log.close()
-            self.log = None
-        teacher = getattr(self, "teacher", None)
-        actors = [*getattr(self, "workers", []), getattr(self, "learner", None), getattr(teacher, "handle", None)]
-        for actor in actors:
+        for actor in [*self.workers, self.learner]:
             if actor is not None:
                 ray.kill(actor)
-        if teacher is not None and hasattr(teacher, "close"):
-            teacher.close()
-        self.workers, self.learner, self.teacher = [], None, None
+        if self.teacher is not None:
+            self.teacher.close()
+        self.workers, self.learner, self.teacher, self.log = [], None, None, None
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -246,14 +216,30 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Run a whole distillation from a config: the function behind `onpolicy train`."""
-    run = Run(cfg, show_progress=show_progress)
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+    stopped_status: Callable[[], RunStatus] = lambda: RunStatus.STOPPED,
+    on_start: Callable[[Run], None] | None = None,
+) -> dict[str, Any]:
+    """Run a whole distillation from a config: the function behind `onpolicy train` and the run actor.
+
+    The one failure path: whatever goes wrong, `status.json` says `failed` with the reason (when
+    the run directory exists) and every actor is closed. `on_start(run)` sees the run once built."""
+    run = None
     try:
-        run.start(resume=resume)
-        return run.run()
+        run = Run(cfg, resume=resume, show_progress=show_progress)
+        if on_start is not None:
+            on_start(run)
+        return run.run(should_stop, stopped_status)
     except BaseException as err:
-        run.set_status("failed", reason=f"{type(err).__name__}: {err}")
+        if Path(cfg.output_dir).is_dir():
+            write_status(cfg.output_dir, RunStatus.FAILED, step=run.step if run else 0,
+                         reason=f"{type(err).__name__}: {err}")
         raise
     finally:
-        run.close()
+        if run is not None:
+            run.close()

@@ -1,11 +1,12 @@
-"""Protocols at the boundaries inside a run. Implementations live next to their role
-(`rollout/`, `teacher/`, `learner/`); the driver only talks to these shapes."""
+"""The `Teacher` protocol: what the driver, evaluation and the teacher service need from a teacher,
+whatever its kind (local engine, our service, external vLLM or SGLang; see `teacher/factory.py`)."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from onpolicy.types import Rollout, ScoreRequestItem, TeacherInfo, TeacherScores, WeightUpdate
+from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
 
 
 @runtime_checkable
@@ -16,33 +17,18 @@ class Teacher(Protocol):
 
     def score(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]: ...
 
-
-@runtime_checkable
-class WeightSink(Protocol):
-    """Something that serves the student and can take new weights (a rollout engine)."""
-
-    def load_weights(self, update: WeightUpdate) -> int:
-        """Load the weights, drop cached state that depends on them, return the new version."""
+    def max_top_k(self) -> int:
+        """The most top-k entries per position this teacher returns."""
         ...
 
+    def usage(self) -> dict[str, Any]:
+        """Counters since the teacher was opened (requests, tokens scored, retries, latency, ...)."""
+        ...
 
-@runtime_checkable
-class RolloutEngine(WeightSink, Protocol):
-    """Samples completions from the current student and records sampler log-probs."""
+    def compatibility(self, student_path: str | Path) -> list[tuple[str, str, str]]:
+        """(check, pass|fail|warn|skip, message) of this teacher against a student folder (tokenizer, EOS)."""
+        ...
 
-    version: int
-
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Rollout]: ...
-
-    def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
-        """Log-probs the engine assigns to each completion token (checks the weight push)."""
+    def close(self) -> None:
+        """Release what the teacher holds (an actor, connections). Safe to call twice."""
         ...

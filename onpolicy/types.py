@@ -7,9 +7,19 @@ that crosses a process or network boundary; they pickle cleanly through Ray.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt of a data set, with the completion text exact match expects (no EOS; may be empty)."""
+
+    prompt: str
+    answer: str
 
 
 class Rollout(BaseModel):
@@ -57,6 +67,23 @@ class TeacherScores(BaseModel):
     top_k: list[list[tuple[int, float]]] | None = None
 
 
+def rank_top_k(pairs: Iterable[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+    """The k most likely (token_id, logprob) pairs, most likely first; ties: lower token id first.
+
+    The one ordering every teacher (local, service, vLLM, SGLang) returns, so top-k lists from
+    different engines compare position by position."""
+    return sorted(((int(i), float(v)) for i, v in pairs), key=lambda p: (-p[1], p[0]))[:k]
+
+
+def check_top_k(top_k: int, max_top_k: int, who: str = "this teacher") -> None:
+    """ValueError unless 0 <= top_k <= max_top_k (the message names both and the fix)."""
+    if not 0 <= top_k <= max_top_k:
+        raise ValueError(
+            f"top_k={top_k} is out of range: {who} returns at most max_top_k={max_top_k} entries per "
+            f"position; lower teacher.top_k to {max_top_k} or serve a teacher that allows more"
+        )
+
+
 class ScoreRequest(BaseModel):
     """Body of `POST /v1/score` on the teacher service."""
 
@@ -83,6 +110,9 @@ class TeacherInfo(BaseModel):
     eos_token_ids: list[int]
     bos_token_id: int | None = None
     max_top_k: int
+    max_model_len: int | None = Field(
+        default=None, description="Longest sequence (prompt + completion) the teacher scores; None: not published."
+    )
 
 
 class WeightUpdate(BaseModel):

@@ -11,7 +11,8 @@ import pickle
 import pytest
 from fastapi.testclient import TestClient
 
-from onpolicy.runner import RunDriver, actor_name, final_status, required_cpus, run_id_of
+from onpolicy.config import RunConfig, config_from_dict
+from onpolicy.runner import RunActor, actor_name, final_status, required_cpus, run_id_of
 from onpolicy.status import write_status
 from services.control.app import create_app
 from services.control.auth import token_ok
@@ -216,9 +217,9 @@ def test_client_cli_against_a_live_server(tmp_path, capsys):
 
 def test_pure_helpers():
     assert run_id_of(actor_name("abc")) == "abc" and run_id_of("other") is None
-    assert required_cpus({"rollout": {"num_workers": 3}, "resources": {"worker_num_cpus": 1.5,
-                                                                       "learner_num_cpus": 2}}) == 6.5
-    assert required_cpus({}) == 0.0
+    assert required_cpus(config_from_dict({"rollout": {"num_workers": 3},
+                                           "resources": {"worker_num_cpus": 1.5, "learner_num_cpus": 2}})) == 6.5
+    assert required_cpus(RunConfig()) == 0.0
     assert final_status(True, True) == "paused" and final_status(True, False) == "stopped"
     assert final_status(False, True) == "finished"
     # reconciliation: a terminal file wins; no driver and no final status -> failed "driver lost"
@@ -234,11 +235,8 @@ def test_pure_helpers():
     assert reconcile_status("stopped", None, False) is None
     assert token_ok("Bearer a", ["b", "a"]) and not token_ok("Bearer c", ["a"]) and not token_ok(None, ["a"])
     assert not token_ok("Basic a", ["a"])
-    # what crosses `.remote()` to the driver actor: the resolved config as a plain dict
-    from onpolicy.config import RunConfig, config_from_dict
-
-    cfg = RunConfig().model_dump(mode="json")
-    assert config_from_dict(pickle.loads(pickle.dumps(cfg))) == RunConfig()
+    # what crosses `.remote()` to the run actor: the resolved config
+    assert pickle.loads(pickle.dumps(RunConfig())) == RunConfig()
 
 
 def test_tokens_from_env_and_file(tmp_path):
@@ -250,7 +248,7 @@ def test_tokens_from_env_and_file(tmp_path):
 
 
 def test_runner_driver_records_stop_and_pause_flags():
-    d = RunDriver({"output_dir": "/tmp/x"})
+    d = RunActor(RunConfig(output_dir="/tmp/x"))
     assert d.state()["phase"] == "created" and not d.state()["stop_requested"]
     assert d.pause()["pause_requested"] and d.state()["stop_requested"]
 

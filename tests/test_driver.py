@@ -35,7 +35,6 @@ def _cfg(student, teacher, out, *extra):
 def finished_run(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     run = Run(_cfg(tiny_model_dir, tiny_teacher_dir, out), show_progress=False)
-    run.start()
     summary = run.run()
     yield run, summary, out
     run.close()
@@ -101,9 +100,8 @@ def test_resume_continues_from_the_checkpoint(finished_run, tiny_model_dir, tiny
     first, _, out = finished_run
     first.close()  # free the cores for the resumed run's engines
     cfg = _cfg(tiny_model_dir, tiny_teacher_dir, out, f"schedule.steps={STEPS + 2}", "eval.every=0")
-    run = Run(cfg, show_progress=False)
+    run = Run(cfg, resume=True, show_progress=False)
     try:
-        run.start(resume=True)
         assert run.step == STEPS
         assert run.source.drawn == STEPS * 32
         assert ray_get(run.learner.step.remote()) == STEPS

@@ -8,16 +8,16 @@ import time
 from collections import Counter
 
 import pytest
+from fakes.scripted import Script, make_scripted_teacher_app
+from fakes.server import ServerThread
+from fakes.vllm import start_vllm_server
+from servers import free_port, start_teacher_server, stop_server, wait_healthy
 
 from onpolicy.config import load_config
 from onpolicy.driver import Run, train
 from onpolicy.metrics import read_metrics
 from onpolicy.status import read_status
 from onpolicy.teacher.fingerprint import describe_model
-from fakes.scripted import Script, make_scripted_teacher_app
-from fakes.server import ServerThread
-from fakes.vllm import start_vllm_server
-from servers import free_port, start_teacher_server, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,6 @@ def test_teacher_killed_mid_run_then_restarted(ray_session, tiny_model_dir, tiny
 
     def go():
         try:
-            run.start()
             result["summary"] = run.run()
         except BaseException as err:  # surfaced by the assertions below
             result["error"] = err
@@ -136,3 +135,18 @@ def _wait(cond, timeout, what):
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_eval_honours_teacher_kind_service(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path):
+    """`onpolicy eval` scores through the configured teacher (here our service), not a local engine."""
+    from onpolicy.eval_student import eval_student
+    from onpolicy.teacher.local import HFTeacher
+    from services.teacher.app import create_app
+
+    counting = CountingTeacher(HFTeacher(str(tiny_teacher_dir)))
+    with ServerThread(create_app(counting, model_name="tiny-teacher")) as server:
+        cfg = _cfg(tiny_model_dir, tmp_path, "service", server.url, "eval.num_prompts=24", "eval.ood_num_prompts=8")
+        metrics = eval_student(cfg, str(tiny_model_dir))
+    assert metrics["heldout_reverse_kl"] > 0 and 0 <= metrics["heldout_accuracy"] <= 1
+    assert "ood_reverse_kl" in metrics
+    assert counting.scored["sequences"] == 24 + 8  # every held-out and OOD sample, scored by the service

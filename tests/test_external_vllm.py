@@ -10,8 +10,8 @@ from fakes.server import ServerThread
 from fakes.vllm import make_stripping_proxy_app, start_vllm_server
 
 from onpolicy.protocols import Teacher
-from onpolicy.teacher.check import assert_compatible, check_teacher
-from onpolicy.teacher.fingerprint import TeacherIncompatible, load_tokenizer
+from onpolicy.teacher.check import check_teacher
+from onpolicy.teacher.fingerprint import TeacherIncompatible, assert_compatible, load_tokenizer
 from onpolicy.teacher.http import TeacherRequestError
 from onpolicy.teacher.vllm_server import VLLMServerTeacher, probe_fingerprint
 from onpolicy.types import ScoreRequestItem
@@ -133,10 +133,10 @@ def test_in_process_teacher_our_service_and_vllm_server_agree(vllm_url, tiny_tea
     from servers import free_port, start_teacher_server, stop_server, wait_healthy
 
     from onpolicy.config import load_config
-    from onpolicy.teacher.actor import make_local_teacher
-    from onpolicy.teacher.remote import ServiceTeacher
+    from onpolicy.teacher.factory import open_teacher
+    from onpolicy.teacher.service import ServiceTeacher
 
-    in_process = make_local_teacher(load_config(None, [f"teacher.model={tiny_teacher_dir}"]))
+    in_process = open_teacher(load_config(None, [f"teacher.model={tiny_teacher_dir}"]).teacher)
     port = free_port()
     proc = start_teacher_server(tiny_teacher_dir, port, backend="vllm")
     try:
@@ -155,4 +155,4 @@ def test_in_process_teacher_our_service_and_vllm_server_agree(vllm_url, tiny_tea
                                 assert all(math.isclose(p, q, abs_tol=1e-4) for (_, p), (_, q) in zip(rx, ry))
     finally:
         stop_server(proc)
-        ray_session.kill(in_process.handle)
+        in_process.close()

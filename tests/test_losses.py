@@ -12,12 +12,12 @@ from onpolicy.learner.losses import (
     bucketed_logprobs,
     discounted_returns,
     generalized_jsd_loss,
-    lr_at,
     masked_reduce,
     sampled_reverse_kl_loss,
     teacher_bucketed_logprobs,
     topk_reverse_kl_loss,
 )
+from onpolicy.learner.schedule import lr_at
 
 F64 = torch.float64
 

@@ -7,9 +7,10 @@ import pytest
 
 from onpolicy.bench import summarise
 from onpolicy.driver import STAGES, stage_metrics
-from onpolicy.evaluation import mean_reverse_kl, shard
+from onpolicy.heldout import mean_reverse_kl
 from onpolicy.metrics import MetricsLog, read_metrics
 from onpolicy.report import build_report, format_table, gap_closed, plot_eval
+from onpolicy.rollout.pool import shard
 from onpolicy.types import Rollout
 
 

@@ -13,11 +13,13 @@ import pytest
 
 from onpolicy.config import ModelConfig, RunConfig, TeacherConfig
 from onpolicy.protocols import Teacher
-from onpolicy.rollout import make_rollout_workers
-from onpolicy.teacher import HFTeacher, TeacherIncompatible, check_compatible, make_local_teacher
+from onpolicy.rollout.pool import push_weights
+from onpolicy.rollout.worker import make_rollout_workers
+from onpolicy.teacher.factory import open_teacher
+from onpolicy.teacher.fingerprint import TeacherIncompatible, check_compatible
+from onpolicy.teacher.local import HFTeacher
 from onpolicy.toy import tokenizer as toy_tokenizer
 from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
-from onpolicy.weights import push_weights
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +42,7 @@ def engines(ray_session, tiny_model_dir, tiny_teacher_dir):
         teacher=TeacherConfig(model=str(tiny_teacher_dir), backend="vllm", top_k=TOP_K),
     )
     with ThreadPoolExecutor(2) as pool:
-        teacher = pool.submit(make_local_teacher, cfg)
+        teacher = pool.submit(open_teacher, cfg.teacher, seed=cfg.seed, resources=cfg.resources)
         workers = pool.submit(make_rollout_workers, 2, str(tiny_model_dir), cfg)
         return workers.result(), teacher.result()
 

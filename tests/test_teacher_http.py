@@ -13,6 +13,7 @@ from fakes.server import ServerThread, free_port
 
 from onpolicy.config import TeacherConfig
 from onpolicy.protocols import Teacher
+from onpolicy.teacher.factory import open_teacher
 from onpolicy.teacher.http import (
     CircuitBreaker,
     TeacherRequestError,
@@ -23,7 +24,8 @@ from onpolicy.teacher.http import (
     parse_retry_after,
     percentile,
 )
-from onpolicy.teacher.remote import ServiceTeacher, SGLangTeacher, make_teacher_client
+from onpolicy.teacher.service import ServiceTeacher
+from onpolicy.teacher.sglang import SGLangTeacher
 from onpolicy.teacher.vllm_server import VLLMServerTeacher
 from onpolicy.types import ScoreRequestItem
 
@@ -131,11 +133,11 @@ def test_config_requires_url_for_remote_kinds_and_factory_builds_each():
     with pytest.raises(ValueError, match="teacher.url is required"):
         TeacherConfig(kind="vllm")
     for kind, cls in (("service", ServiceTeacher), ("vllm", VLLMServerTeacher), ("sglang", SGLangTeacher)):
-        t = make_teacher_client(TeacherConfig(kind=kind, url="http://127.0.0.1:9"))
+        t = open_teacher(TeacherConfig(kind=kind, url="http://127.0.0.1:9"))
         assert isinstance(t, cls) and isinstance(t, Teacher)
         t.close()
     with pytest.raises(ValueError, match="OPD_NO_SUCH_KEY"):
-        make_teacher_client(TeacherConfig(kind="service", url="http://x:1", api_key_env="OPD_NO_SUCH_KEY"))
+        open_teacher(TeacherConfig(kind="service", url="http://x:1", api_key_env="OPD_NO_SUCH_KEY"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +349,8 @@ def test_sglang_adapter_matches_hf_teacher(tiny_teacher_dir):
 
 
 def test_check_teacher_against_a_service(tiny_model_dir, tiny_teacher_dir):
-    from onpolicy.teacher.check import assert_compatible, check_teacher
-    from onpolicy.teacher.fingerprint import TeacherIncompatible, describe_model
+    from onpolicy.teacher.check import check_teacher
+    from onpolicy.teacher.fingerprint import TeacherIncompatible, assert_compatible, describe_model
 
     good = describe_model(tiny_teacher_dir, max_top_k=16)
     with ServerThread(make_scripted_teacher_app(Script(), info=good)) as srv:

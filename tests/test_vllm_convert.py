@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from onpolicy.rollout.engine import (
-    check_model_dir,
+from onpolicy.engines.vllm import (
     completion_to_rollout,
     derive_seed,
     outputs_to_rollouts,
     prompt_logprobs_to_scores,
 )
+from onpolicy.model_dir import require_model_dir as check_model_dir
 from onpolicy.teacher.fingerprint import (
     TeacherIncompatible,
     check_compatible,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from onpolicy.ray_utils import actor_class
+
 
 class LearnerShell:
     """Plain class wrapped by `ray.remote`; every method forwards to a `Learner`."""
@@ -40,19 +42,6 @@ class LearnerShell:
         return self.learner.step
 
 
-_REMOTE_CLASS = None
-
-
-def learner_actor_class():
-    """`ray.remote(LearnerShell)`, made once on first use."""
-    global _REMOTE_CLASS
-    if _REMOTE_CLASS is None:
-        import ray
-
-        _REMOTE_CLASS = ray.remote(LearnerShell)
-    return _REMOTE_CLASS
-
-
 def make_learner_actor(
     cfg,
     model_path: str,
@@ -65,14 +54,7 @@ def make_learner_actor(
 ):
     """Start a learner actor and return its handle. `num_cpus` defaults to
     `cfg.resources.learner_num_cpus`; extra keyword arguments go to `.options()` (name, ...)."""
-    cls = learner_actor_class()
     cpus = cfg.resources.learner_num_cpus if num_cpus is None else num_cpus
-    return cls.options(num_cpus=cpus, num_gpus=num_gpus, **options).remote(
+    return actor_class(LearnerShell).options(num_cpus=cpus, num_gpus=num_gpus, **options).remote(
         model_path, cfg, device=device, total_steps=total_steps
     )
-
-
-def __getattr__(name: str):
-    if name == "LearnerActor":  # lazily: `from onpolicy.learner.actor import LearnerActor` imports ray
-        return learner_actor_class()
-    raise AttributeError(name)

@@ -16,13 +16,10 @@ import torch
 
 from onpolicy.config import RunConfig
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
-from onpolicy.learner.losses import (
-    generalized_jsd_loss,
-    lr_at,
-    sampled_kl_metrics,
-    sampled_reverse_kl_loss,
-    topk_reverse_kl_loss,
-)
+from onpolicy.learner.losses import sampled_kl_metrics
+from onpolicy.learner.objectives import LossInputs, get_objective
+from onpolicy.learner.schedule import lr_at
+from onpolicy.model_dir import require_model_dir
 from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,9 +40,7 @@ class Learner:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(model_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"student model folder not found: {model_path}")
+        path = require_model_dir(model_path, "student")
         if cfg.resources.torch_threads > 0:
             torch.set_num_threads(cfg.resources.torch_threads)
         self.cfg = cfg
@@ -62,6 +57,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
         )
+        self.objective = get_objective(cfg.loss.kind)
         self.step = 0
 
     def _pad_id(self) -> int:
@@ -79,39 +75,11 @@ class Learner:
     def _micro_batch_loss(self, mb: LearnBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch divided by the WHOLE batch's normaliser, and the learner's
         log-probs of the sampled tokens (detached, for metrics)."""
-        loss_cfg = self.cfg.loss
         logits_BLV = self._forward_logits(mb.input_ids_BL, mb.attention_mask_BL)
         logprobs_BL = (
             torch.log_softmax(logits_BLV, dim=-1).gather(-1, mb.target_ids_BL.unsqueeze(-1)).squeeze(-1)
         )
-        if loss_cfg.kind == "reverse_kl":
-            loss, _ = sampled_reverse_kl_loss(
-                logprobs_BL,
-                mb.sampler_logprobs_BL,
-                mb.teacher_logprobs_BL,
-                mb.mask_BL,
-                kl_coef=loss_cfg.kl_coef,
-                gamma=loss_cfg.gamma,
-                ratio_max=loss_cfg.ratio_max,
-                normalize=loss_cfg.normalize,
-                normalizer=normalizer,
-            )
-        elif loss_cfg.kind in ("topk_reverse_kl", "jsd"):
-            # Both compare the learner with the teacher over its top-k support plus a tail bucket.
-            extra = {"beta": loss_cfg.beta} if loss_cfg.kind == "jsd" else {}
-            loss_fn = generalized_jsd_loss if loss_cfg.kind == "jsd" else topk_reverse_kl_loss
-            loss, _ = loss_fn(
-                logits_BLV,
-                mb.topk_ids_BLK,
-                mb.topk_logprobs_BLK,
-                mb.mask_BL,
-                topk_mask_BTK=mb.topk_mask_BLK,
-                normalize=loss_cfg.normalize,
-                normalizer=normalizer,
-                **extra,
-            )
-        else:
-            raise ValueError(f"unknown loss.kind {loss_cfg.kind!r}")
+        loss, _ = self.objective.fn(LossInputs(mb, logits_BLV, logprobs_BL), self.cfg.loss, normalizer)
         return loss, logprobs_BL.detach()
 
     def compute_gradients(self, rollouts: list[Rollout], scores: list[TeacherScores]) -> dict[str, float]:
@@ -120,9 +88,7 @@ class Learner:
         Each micro-batch's loss is divided by the whole batch's token (or sequence) count, so the
         summed gradient equals the gradient of the single-big-batch loss. Returns the loss and the
         sampled-token metrics; does not step the optimizer."""
-        batch = build_batch(
-            rollouts, scores, pad_id=self.pad_id, with_topk=self.cfg.loss.kind in ("topk_reverse_kl", "jsd")
-        )
+        batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk)
         normalizer = float(
             batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
         )

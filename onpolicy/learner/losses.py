@@ -1,4 +1,4 @@
-"""Distillation losses and the learning-rate schedule: small pure torch functions.
+"""Distillation losses: small pure torch functions (registered by name in `objectives.py`).
 
 Shape suffixes: B sequences, T positions, V vocabulary, K teacher top-k slots. Every loss
 takes a 0/1 `mask_BT` of the positions that predict a completion token and returns
@@ -260,28 +260,3 @@ def generalized_jsd_loss(
         jsd_BT = beta * _kl_buckets(teacher_BTN, mix_BTN) + (1.0 - beta) * _kl_buckets(student_BTN, mix_BTN)
     loss = masked_reduce(jsd_BT, mask_BT, normalize, normalizer)
     return loss, {"jsd": masked_reduce(jsd_BT.detach(), mask_BT, "token").item()}
-
-
-def lr_at(step: int, optim, total_steps: int | None) -> float:
-    """Learning rate for update number `step` (0-based), from an `OptimConfig`:
-
-        warm-up (step < W):  lr * (step + 1) / W       (the first update is not wasted at lr 0)
-        after, with progress u = (step - W) / max(1, total_steps - 1 - W) clipped to [0, 1]:
-          constant: lr
-          linear:   lr * (1 - (1 - min_lr_ratio) u)
-          cosine:   lr * (min_lr_ratio + (1 - min_lr_ratio) (1 + cos(pi u)) / 2)
-
-    So the last update (step = total_steps - 1) runs at min_lr_ratio * lr. Without
-    `total_steps` the rate stays at lr after warm-up."""
-    peak, warmup = optim.lr, optim.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if optim.schedule == "constant" or total_steps is None:
-        return peak
-    u = min(max((step - warmup) / max(1, total_steps - 1 - warmup), 0.0), 1.0)
-    floor = optim.min_lr_ratio
-    if optim.schedule == "linear":
-        return peak * (1.0 - (1.0 - floor) * u)
-    if optim.schedule == "cosine":
-        return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * u)))
-    raise ValueError(f"unknown lr schedule {optim.schedule!r}")

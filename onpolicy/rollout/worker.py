@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from onpolicy.rollout.engine import check_model_dir, vllm_env
-from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
+from onpolicy.engines.vllm import vllm_env
+from onpolicy.model_dir import require_model_dir
+from onpolicy.ray_utils import actor_class
+from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -41,9 +43,6 @@ class RolloutWorker:
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
         return self.engine.score(items)
 
-    def score_top_k(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-        return self.engine.score_top_k(items, top_k)
-
     def load_weights(self, update: WeightUpdate) -> int:
         return self.engine.load_weights(update)
 
@@ -58,11 +57,10 @@ def make_rollout_workers(
     import ray
 
     # Fail here, naming the path, rather than inside n actors; workers may not share our cwd.
-    model_path = str(check_model_dir(model_path).resolve())
+    model_path = str(require_model_dir(model_path, "student"))
     res = cfg.resources
-    actor_cls = ray.remote(RolloutWorker)
     workers = [
-        actor_cls.options(
+        actor_class(RolloutWorker).options(
             num_cpus=res.worker_num_cpus,
             runtime_env={"env_vars": vllm_env(res.vllm_kv_cache_gib, res.vllm_threads_bind)},
         ).remote(

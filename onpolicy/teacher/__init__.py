@@ -1,25 +1,6 @@
-"""Teachers: score the student's sampled tokens (local vLLM / transformers models, as Ray actors).
+"""Teachers: score the student's sampled tokens. `factory.open_teacher(cfg)` makes any kind:
+local models (vLLM / transformers, in a Ray actor or in-process) or remote endpoints (our service,
+vLLM, SGLang), all behind `onpolicy.protocols.Teacher`.
 
-Importing this package imports neither vLLM nor torch; the backends import them when built.
+Importing this package imports neither vLLM nor torch nor httpx; the modules import what they use.
 """
-
-from onpolicy.teacher.actor import ActorTeacher, TeacherActor, make_local_teacher
-from onpolicy.teacher.fingerprint import (
-    TeacherIncompatible,
-    check_compatible,
-    describe_model,
-    tokenizer_fingerprint,
-)
-from onpolicy.teacher.local import HFTeacher, VLLMTeacher
-
-__all__ = [
-    "ActorTeacher",
-    "HFTeacher",
-    "TeacherActor",
-    "TeacherIncompatible",
-    "VLLMTeacher",
-    "check_compatible",
-    "describe_model",
-    "make_local_teacher",
-    "tokenizer_fingerprint",
-]

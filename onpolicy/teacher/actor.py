@@ -7,15 +7,18 @@ plain `Teacher` protocol, so the driver treats local and HTTP teachers alike.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from onpolicy.rollout.engine import check_model_dir, vllm_env
+from onpolicy.engines.vllm import vllm_env
+from onpolicy.ray_utils import actor_class
+from onpolicy.teacher.fingerprint import CheckResult, compare_info
 from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from onpolicy.config import RunConfig
+    from onpolicy.config import ResourcesConfig
 
 
 class TeacherActor:
@@ -37,11 +40,13 @@ class TeacherActor:
 
 
 class ActorTeacher:
-    """Implements `Teacher` by calling a `TeacherActor` (blocking). `info()` is fetched once."""
+    """Implements `Teacher` by calling a `TeacherActor` (blocking). `info()` is fetched once;
+    usage is counted on this side (no extra round trip); `close()` kills the actor."""
 
     def __init__(self, handle: ActorHandle) -> None:
         self.handle = handle
         self._info: TeacherInfo | None = None
+        self._usage = {"requests": 0, "tokens_scored": 0}
 
     def info(self) -> TeacherInfo:
         import ray
@@ -53,35 +58,36 @@ class ActorTeacher:
     def score(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
         import ray
 
-        return ray.get(self.handle.score.remote(items, top_k))
+        scores = ray.get(self.handle.score.remote(items, top_k))
+        self._usage["requests"] += 1
+        self._usage["tokens_scored"] += sum(len(it.completion_ids) for it in items)
+        return scores
+
+    def usage(self) -> dict[str, Any]:
+        return dict(self._usage)
+
+    def max_top_k(self) -> int:
+        return self.info().max_top_k
+
+    def compatibility(self, student_path: str | Path) -> list[CheckResult]:
+        return compare_info(student_path, self.info())
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.handle)
 
 
-def make_local_teacher(cfg: RunConfig, *, max_model_len: int | None = None) -> ActorTeacher:
-    """Start the teacher `cfg.teacher` describes in its own actor; blocks until it is up.
-
-    It must be able to return `cfg.teacher.top_k` entries per position (checked here).
-    """
+def start_teacher_actor(model_path: str, backend: str, resources: ResourcesConfig,
+                        **teacher_kwargs: Any) -> ActorTeacher:
+    """Start a local teacher in its own actor (no CPUs reserved: it shares the run's); blocks until up."""
     import ray
 
-    tc, res = cfg.teacher, cfg.resources
-    model_path = str(check_model_dir(tc.model).resolve())
-    kwargs: dict[str, Any] = {"dtype": tc.dtype}
-    if tc.backend == "vllm":
-        kwargs.update(
-            seed=cfg.seed,
-            kv_cache_gib=res.vllm_kv_cache_gib,
-            threads_bind=res.vllm_threads_bind,
-            max_model_len=max_model_len,
-        )
+    env = vllm_env(resources.vllm_kv_cache_gib, resources.vllm_threads_bind)
     handle = (
-        ray.remote(TeacherActor)
-        .options(num_cpus=0, runtime_env={"env_vars": vllm_env(res.vllm_kv_cache_gib, res.vllm_threads_bind)})
-        .remote(model_path, tc.backend, **kwargs)
+        actor_class(TeacherActor)
+        .options(num_cpus=0, runtime_env={"env_vars": env})
+        .remote(model_path, backend, **teacher_kwargs)
     )
     ray.get(handle.ready.remote())
-    teacher = ActorTeacher(handle)
-    if tc.top_k > teacher.info().max_top_k:
-        raise ValueError(
-            f"teacher.top_k={tc.top_k} but teacher {tc.model!r} returns at most {teacher.info().max_top_k}"
-        )
-    return teacher
+    return ActorTeacher(handle)

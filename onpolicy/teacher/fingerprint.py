@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from onpolicy.types import TeacherInfo
 
@@ -21,7 +21,7 @@ class TeacherIncompatible(ValueError):
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """`AutoTokenizer` from a model folder; FileNotFoundError naming the path if it is missing."""
+    """`AutoTokenizer` from a model (or tokenizer-only) folder; FileNotFoundError naming the path if it is missing."""
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {p}")
@@ -60,10 +60,22 @@ def eos_token_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def describe_model(model_path: str | Path, *, max_top_k: int = 0, name: str | None = None) -> TeacherInfo:
+def model_max_len(model_path: str | Path) -> int | None:
+    """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
+    cfg = Path(model_path) / "config.json"
+    try:
+        value = json.loads(cfg.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def describe_model(model_path: str | Path, *, max_top_k: int = 0, name: str | None = None,
+                   max_model_len: int | None = None) -> TeacherInfo:
     """`TeacherInfo` of a local model folder (what `GET /v1/info` reports for it).
 
-    `vocab_size` is the tokenizer's size (`len(tokenizer)`), not the model's padded logit width.
+    `vocab_size` is the tokenizer's size (`len(tokenizer)`), not the model's padded logit width;
+    `max_model_len` defaults to the config's `max_position_embeddings`.
     """
     tok = load_tokenizer(model_path)
     return TeacherInfo(
@@ -73,7 +85,61 @@ def describe_model(model_path: str | Path, *, max_top_k: int = 0, name: str | No
         eos_token_ids=eos_token_ids(model_path, tok),
         bos_token_id=tok.bos_token_id,
         max_top_k=max_top_k,
+        max_model_len=max_model_len if max_model_len is not None else model_max_len(model_path),
     )
+
+
+PROBE_TEXT = "12+34=46"  # a short text teachers are probed with (EOS check, a scoring probe)
+CheckStatus = Literal["pass", "fail", "warn", "skip"]
+CheckResult = tuple[str, CheckStatus, str]  # (check name, status, message saying what to change)
+FIX = "Distill from a teacher that uses the student's tokenizer (same vocabulary and special tokens)."
+
+
+def compare_info(student_path: str | Path, teacher: TeacherInfo) -> list[CheckResult]:
+    """Tokenizer fingerprint and EOS of a teacher against the student folder's, as check results."""
+    student = describe_model(student_path)
+    out: list[CheckResult] = []
+    if teacher.tokenizer_fingerprint != student.tokenizer_fingerprint:
+        out.append(
+            (
+                "tokenizer",
+                "fail",
+                (f"teacher {teacher.model!r} and student {str(student_path)!r} have different tokenizers "
+                f"(student: vocab size {student.vocab_size}, fingerprint {student.tokenizer_fingerprint[:16]}; "
+                f"teacher: vocab size {teacher.vocab_size}, fingerprint {teacher.tokenizer_fingerprint[:16]}). "
+                f"Log-probs are compared token id by token id, so the ids must mean the same strings. {FIX}"),
+            )
+        )
+    else:
+        out.append(
+            (
+                "tokenizer",
+                "pass",
+                (f"same tokenizer fingerprint {teacher.tokenizer_fingerprint[:16]} "
+                f"(vocab size {teacher.vocab_size})"),
+            )
+        )
+    if not set(student.eos_token_ids) <= set(teacher.eos_token_ids):
+        out.append(
+            (
+                "eos",
+                "fail",
+                (f"teacher {teacher.model!r} and student {str(student_path)!r} end sequences differently: student "
+                f"EOS ids {student.eos_token_ids}, teacher EOS ids {teacher.eos_token_ids}. The teacher would not "
+                f"score the student's end of sequence as an ending. {FIX}"),
+            )
+        )
+    else:
+        out.append(
+            ("eos", "pass", f"teacher ends sequences at the student's EOS ids {student.eos_token_ids}")
+        )
+    return out
+
+
+def raise_on_failures(results: list[CheckResult]) -> None:
+    failed = [msg for _, status, msg in results if status == "fail"]
+    if failed:
+        raise TeacherIncompatible(" ".join(failed))
 
 
 def check_compatible(student_path: str | Path, teacher: TeacherInfo | str | Path) -> TeacherInfo:
@@ -82,24 +148,13 @@ def check_compatible(student_path: str | Path, teacher: TeacherInfo | str | Path
     `teacher` is a `TeacherInfo` (from a running teacher) or a model folder. Returns the
     student's own description.
     """
-    student = describe_model(student_path)
     if not isinstance(teacher, TeacherInfo):
         teacher = describe_model(teacher)
-    fix = "Distill from a teacher that uses the student's tokenizer (same vocabulary and special tokens)."
-    if student.tokenizer_fingerprint != teacher.tokenizer_fingerprint:
-        raise TeacherIncompatible(
-            f"teacher {teacher.model!r} is incompatible with student {student.model!r}: their tokenizers "
-            f"differ (student: vocab size {student.vocab_size}, fingerprint "
-            f"{student.tokenizer_fingerprint[:16]}; teacher: vocab size {teacher.vocab_size}, "
-            f"fingerprint {teacher.tokenizer_fingerprint[:16]}). Log-probs are compared token id by "
-            f"token id, so the ids must mean the same strings. {fix}"
-        )
-    student_eos = set(student.eos_token_ids)
-    if not student_eos <= set(teacher.eos_token_ids):
-        raise TeacherIncompatible(
-            f"teacher {teacher.model!r} and student {student.model!r} end sequences differently: "
-            f"student EOS ids {sorted(student_eos)}, teacher EOS ids {teacher.eos_token_ids} "
-            f"(both vocab size {student.vocab_size}, fingerprint {student.tokenizer_fingerprint[:16]}). "
-            f"The teacher would not score the student's end of sequence as an ending. {fix}"
-        )
-    return student
+    raise_on_failures(compare_info(student_path, teacher))
+    return describe_model(student_path)
+
+
+def assert_compatible(teacher: Any, student_path: str | Path) -> None:
+    """Raise `TeacherIncompatible` unless a running teacher (any kind) fits the student's tokenizer and
+    EOS; each kind compares what its API publishes (`Teacher.compatibility`)."""
+    raise_on_failures(teacher.compatibility(student_path))

@@ -11,50 +11,62 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onpolicy.rollout.engine import VLLMEngine, check_model_dir
-from onpolicy.teacher.fingerprint import describe_model
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
+from onpolicy.engines.vllm import make_llm, score_with_llm
+from onpolicy.model_dir import require_model_dir
+from onpolicy.teacher.fingerprint import CheckResult, compare_info, describe_model
+from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores, check_top_k, rank_top_k
 
 
-def _check_top_k(top_k: int, max_top_k: int) -> None:
-    if top_k < 0 or top_k > max_top_k:
-        raise ValueError(f"top_k={top_k} is out of range: this teacher returns at most {max_top_k}")
+class _LocalTeacher:
+    """What both local teachers share: info, usage counting, and the top-k bound."""
 
+    _info: TeacherInfo
 
-class VLLMTeacher:
-    """Scores with a vLLM engine; `max_logprobs=-1`, so top-k can go up to the vocabulary size."""
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        dtype: str = "float32",
-        seed: int = 0,
-        kv_cache_gib: int = 1,
-        threads_bind: str = "nobind",
-        max_model_len: int | None = None,
-    ) -> None:
-        self.engine = VLLMEngine(
-            model_path,
-            dtype=dtype,
-            seed=seed,
-            kv_cache_gib=kv_cache_gib,
-            threads_bind=threads_bind,
-            max_model_len=max_model_len,
-            max_logprobs=-1,
-        )
-        vocab = self.engine.llm.llm_engine.model_config.get_vocab_size()
-        self._info = describe_model(self.engine.model_path, max_top_k=vocab)
+    def __init__(self) -> None:
+        self._tokens_scored = 0
+        self._requests = 0
 
     def info(self) -> TeacherInfo:
         return self._info
 
+    def usage(self) -> dict[str, Any]:
+        return {"requests": self._requests, "tokens_scored": self._tokens_scored}
+
+    def close(self) -> None:
+        """Nothing to release beyond memory (the engine goes with the process or the object)."""
+
+    def max_top_k(self) -> int:
+        return self.info().max_top_k
+
+    def compatibility(self, student_path: str | Path) -> list[CheckResult]:
+        return compare_info(student_path, self._info)
+
     def score(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-        _check_top_k(top_k, self._info.max_top_k)
-        return self.engine.score_top_k(items, top_k)
+        check_top_k(top_k, self._info.max_top_k, f"teacher {self._info.model!r}")
+        out = self._score(items, top_k)
+        self._requests += 1
+        self._tokens_scored += sum(len(it.completion_ids) for it in items)
+        return out
+
+    def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
+        raise NotImplementedError
 
 
-class HFTeacher:
+class VLLMTeacher(_LocalTeacher):
+    """Scores with a vLLM engine; `max_logprobs=-1`, so top-k can go up to the vocabulary size."""
+
+    def __init__(self, model_path: str | Path, **llm_kwargs: Any) -> None:
+        """`llm_kwargs`: dtype, seed, kv_cache_gib, threads_bind, max_model_len (see `make_llm`)."""
+        super().__init__()
+        self.llm, self.limits = make_llm(model_path, max_logprobs=-1, **llm_kwargs)
+        self._info = describe_model(model_path, max_top_k=self.limits.vocab_size,
+                                    max_model_len=self.limits.max_model_len)
+
+    def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
+        return score_with_llm(self.llm, items, top_k)
+
+
+class HFTeacher(_LocalTeacher):
     """Scores with transformers: right-padded batches of `batch_size` sequences."""
 
     def __init__(
@@ -63,18 +75,15 @@ class HFTeacher:
         import torch
         from transformers import AutoModelForCausalLM
 
-        path = check_model_dir(model_path)
+        super().__init__()
+        path = require_model_dir(model_path, "teacher")
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
         self.device = device
         self.batch_size = batch_size
-        self._info = describe_model(path, max_top_k=int(self.model.config.vocab_size))
+        self._info = describe_model(model_path, max_top_k=int(self.model.config.vocab_size))
 
-    def info(self) -> TeacherInfo:
-        return self._info
-
-    def score(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-        _check_top_k(top_k, self._info.max_top_k)
+    def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
         out: list[TeacherScores] = []
         for start in range(0, len(items), self.batch_size):
             out.extend(self._score_batch(items[start : start + self.batch_size], top_k))
@@ -108,14 +117,14 @@ class HFTeacher:
                 tops = []
                 for row in logp_T_V:
                     vals, idx = torch.topk(row, top_k)
-                    ranked = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: (-p[1], p[0]))
-                    tops.append([(int(i), float(v)) for i, v in ranked])
+                    tops.append(rank_top_k(zip(idx.tolist(), vals.tolist()), top_k))
             scores.append(TeacherScores(logprobs=logprobs, top_k=tops))
         return scores
 
 
 def build_local_teacher(model_path: str, backend: str = "vllm", **kwargs: Any) -> VLLMTeacher | HFTeacher:
-    """A local teacher of the given backend (`vllm` or `hf`)."""
+    """A local teacher of the given backend (`vllm` or `hf`); `kwargs` go to the backend's constructor
+    (`hf` takes only `dtype`)."""
     if backend == "vllm":
         return VLLMTeacher(model_path, **kwargs)
     if backend == "hf":

@@ -1,4 +1,6 @@
-"""Remote teachers behind the `Teacher` protocol: our service, external vLLM, external SGLang.
+"""What every remote teacher shares: `RemoteTeacher` (a `RobustClient`, chunking, usage) and the
+validation of what comes back. The adapters live one per file: `service.py` (our teacher
+service), `vllm_server.py` (an external vLLM server), `sglang.py` (an external SGLang server).
 
 Each adapter turns a list of `ScoreRequestItem` into the dialect's request, sends it through
 `RobustClient` (retries, breaker, bounded concurrency), and *validates* the answer before any
@@ -6,28 +8,27 @@ number reaches the loss: one finite log-prob per completion token, the echoed id
 was sent (where the dialect echoes them), top-k present when asked. A violation raises
 `TeacherResponseError` naming the teacher and exactly what was wrong, because a silently
 misaligned log-prob trains the student on garbage.
-
-`make_teacher_client(cfg)` builds the adapter a `TeacherConfig` asks for.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from onpolicy.teacher.fingerprint import CheckResult, compare_info
 from onpolicy.teacher.http import BreakerState, RobustClient, TeacherResponseError
-from onpolicy.types import ScoreRequest, ScoreRequestItem, ScoreResponse, TeacherInfo, TeacherScores
+from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
 
 # A log-prob a little above 0 is float noise; far above it is a bug (a logit, a probability).
 _LOGPROB_SLACK = 1e-3
 
 
-def _where(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:5]:
         loc = ".".join(str(p) for p in e["loc"]) or "(body)"
@@ -81,6 +82,9 @@ class RemoteTeacher:
     """Shared plumbing: a `RobustClient`, chunking, usage. Subclasses implement `_score_chunk`."""
 
     kind = "remote"
+    info_path = "/"  # the dialect's cheapest GET that proves it is there (reachability)
+    fix_hint = ""  # how to serve a teacher of this dialect, for error messages
+    top_k_fix = "lower teacher.top_k"  # how to get top-K from it (K is replaced by the number)
 
     def __init__(
         self,
@@ -110,6 +114,21 @@ class RemoteTeacher:
 
     def usage(self) -> dict[str, Any]:
         return self.client.snapshot()
+
+    def info(self) -> TeacherInfo:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The served model's name (what a reachability check reports)."""
+        return self.info().model
+
+    def max_top_k(self) -> int:
+        """The most top-k entries per position this teacher returns."""
+        return self.info().max_top_k
+
+    def compatibility(self, student_path: str | Path) -> list[CheckResult]:
+        """Checks of this teacher against the student: tokenizer and EOS, as far as the dialect publishes them."""
+        return compare_info(student_path, self.info())
 
     def close(self) -> None:
         self.client.close()
@@ -142,154 +161,3 @@ class RemoteTeacher:
 
     def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
         raise NotImplementedError
-
-
-class ServiceTeacher(RemoteTeacher):
-    """Our teacher service (`services/teacher`): `POST /v1/score`, `GET /v1/info`."""
-
-    kind = "service"
-
-    def info(self) -> TeacherInfo:
-        if self._info is None:
-            body = self.client.get_json("/v1/info")
-            try:
-                self._info = TeacherInfo.model_validate(body)
-            except ValidationError as err:
-                raise self._bad(f"GET /v1/info returned a malformed TeacherInfo ({_where(err)})") from None
-        return self._info
-
-    def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
-        req = ScoreRequest(sequences=items, top_k=top_k)
-        body = self.client.post_json("/v1/score", req.model_dump(mode="json"))
-        try:
-            resp = ScoreResponse.model_validate(body)
-        except ValidationError as err:
-            raise self._bad(f"POST /v1/score returned a malformed ScoreResponse ({_where(err)})") from None
-        return resp.scores
-
-
-class SGLangTeacher(RemoteTeacher):
-    """An SGLang server: `POST /generate` with `input_ids`, `return_logprob`, `logprob_start_len`.
-
-    With `logprob_start_len = len(prompt)`, `meta_info.input_token_logprobs` holds one
-    `[logprob, token_id, text|null]` per completion token (position start..end of the input),
-    and `meta_info.input_top_logprobs` one list of such triples per position. SGLang exposes no
-    tokenizer fingerprint, so `info()` reports what `GET /get_model_info` gives and marks the
-    fingerprint `sglang-unverified:`; `max_top_k` is the configured `max_top_k`.
-    """
-
-    kind = "sglang"
-
-    def __init__(self, url: str, *, max_top_k: int = 20, **kw: Any) -> None:
-        super().__init__(url, **kw)
-        self.max_top_k = max_top_k
-
-    def info(self) -> TeacherInfo:
-        if self._info is None:
-            body = self.client.get_json("/get_model_info")
-            if not isinstance(body, dict) or "model_path" not in body:
-                raise self._bad(f"GET /get_model_info has no model_path: {str(body)[:300]}")
-            self._info = TeacherInfo(
-                model=str(body["model_path"]),
-                vocab_size=0,
-                tokenizer_fingerprint=f"sglang-unverified:{body.get('tokenizer_path') or body['model_path']}",
-                eos_token_ids=[],
-                max_top_k=self.max_top_k,
-            )
-        return self._info
-
-    def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
-        # A sequence with no completion needs no forward pass (and SGLang would reject start == len).
-        todo = [i for i, it in enumerate(items) if it.completion_ids]
-        out = [TeacherScores(logprobs=[], top_k=[] if top_k else None) for _ in items]
-        if not todo:
-            return out
-        body = {
-            "input_ids": [list(items[i].prompt_ids) + list(items[i].completion_ids) for i in todo],
-            "return_logprob": True,
-            "logprob_start_len": [len(items[i].prompt_ids) for i in todo],
-            "top_logprobs_num": top_k,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
-        }
-        resp = self.client.post_json("/generate", body)
-        if isinstance(resp, dict):
-            resp = [resp]
-        if not isinstance(resp, list) or len(resp) != len(todo):
-            raise self._bad(
-                f"sent {len(todo)} sequences to /generate, got {len(resp) if isinstance(resp, list) else 0} results"
-            )
-        for j, i in enumerate(todo):
-            out[i] = self._parse_one(resp[j], items[i], top_k, offset + i)
-        return out
-
-    def _parse_one(self, res: Any, item: ScoreRequestItem, top_k: int, seq: int) -> TeacherScores:
-        meta = res.get("meta_info") if isinstance(res, dict) else None
-        tok_lp = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
-        if tok_lp is None:
-            raise self._bad(
-                f"sequence {seq}: response has no meta_info.input_token_logprobs (return_logprob ignored?)"
-            )
-        want = list(item.completion_ids)
-        if len(tok_lp) != len(want):
-            raise self._bad(f"sequence {seq}: expected {len(want)} log-probs, got {len(tok_lp)}")
-        logprobs = []
-        for t, entry in enumerate(tok_lp):
-            if not isinstance(entry, (list, tuple)) or len(entry) < 2 or entry[0] is None:
-                raise self._bad(f"sequence {seq}, token {t}: malformed input_token_logprobs entry {entry!r}")
-            if int(entry[1]) != want[t]:
-                raise self._bad(
-                    f"sequence {seq}, token {t}: the server scored token {entry[1]}, but {want[t]} was sent"
-                )
-            logprobs.append(float(entry[0]))
-        tops = None
-        if top_k:
-            rows = meta.get("input_top_logprobs")
-            if not rows or len(rows) != len(want):
-                raise self._bad(
-                    f"sequence {seq}: asked for top-{top_k}, got input_top_logprobs for "
-                    f"{len(rows) if rows else 0} of {len(want)} positions"
-                )
-            tops = []
-            for t, row in enumerate(rows):
-                if not isinstance(row, list):
-                    raise self._bad(f"sequence {seq}, position {t}: input_top_logprobs entry is {row!r}")
-                pairs = [(int(e[1]), float(e[0])) for e in row if e and e[0] is not None]
-                tops.append(sorted(pairs, key=lambda p: (-p[1], p[0]))[:top_k])
-        return TeacherScores(logprobs=logprobs, top_k=tops)
-
-
-def make_teacher_client(tc: Any, *, on_state_change: Callable[[BreakerState], None] | None = None):
-    """The remote `Teacher` a `TeacherConfig` (kind service | vllm | sglang) describes.
-
-    The bearer token is read from the environment variable `tc.api_key_env` (never stored).
-    """
-    from onpolicy.teacher.vllm_server import VLLMServerTeacher
-
-    if tc.kind not in ("service", "vllm", "sglang"):
-        raise ValueError(
-            f"teacher.kind={tc.kind!r} is not a remote teacher (expected service, vllm or sglang)"
-        )
-    if not tc.url:
-        raise ValueError(f"teacher.url is required for teacher.kind={tc.kind}")
-    api_key = None
-    if tc.api_key_env:
-        api_key = os.environ.get(tc.api_key_env)
-        if not api_key:
-            raise ValueError(
-                f"teacher.api_key_env={tc.api_key_env!r} but that environment variable is empty or unset; "
-                f"export it (the key is never written into the config)"
-            )
-    kw: dict[str, Any] = dict(  # noqa: C408 (keyword arguments, read as such)
-        api_key=api_key,
-        timeout_s=tc.timeout_s,
-        max_retries=tc.max_retries,
-        backoff_base_s=tc.backoff_base_s,
-        backoff_max_s=tc.backoff_max_s,
-        max_in_flight=tc.max_in_flight,
-        breaker_failures=tc.breaker_failures,
-        breaker_cooldown_s=tc.breaker_cooldown_s,
-        max_wait_s=tc.max_wait_s,
-        on_state_change=on_state_change,
-    )
-    cls = {"service": ServiceTeacher, "vllm": VLLMServerTeacher, "sglang": SGLangTeacher}[tc.kind]
-    return cls(tc.url, **kw)

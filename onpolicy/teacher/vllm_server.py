@@ -24,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+from onpolicy.teacher.fingerprint import FIX, PROBE_TEXT, CheckResult, describe_model, load_tokenizer
 from onpolicy.teacher.http import TeacherRequestError
 from onpolicy.teacher.remote import RemoteTeacher
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
+from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
 
 PROBE_TEXTS = [
     "Hello, world! 12+34=46",
@@ -56,6 +58,12 @@ class VLLMServerTeacher(RemoteTeacher):
     """Scores with `prompt_logprobs` on an external vLLM server; `model` from `GET /v1/models` if None."""
 
     kind = "vllm"
+    info_path = "/v1/models"
+    fix_hint = (
+        "Serve the teacher with vLLM's OpenAI server (/v1/completions with the `prompt_logprobs` "
+        "extension) and do not put a proxy in front that strips it."
+    )
+    top_k_fix = "restart vLLM with --max-logprobs K"
 
     def __init__(self, url: str, *, model: str | None = None, **kw: Any) -> None:
         super().__init__(url, **kw)
@@ -131,6 +139,12 @@ class VLLMServerTeacher(RemoteTeacher):
         choices = out.get("choices") or [{}]
         return choices[0].get("finish_reason") == "stop"
 
+    def describe(self) -> str:
+        return self.model_name()
+
+    def compatibility(self, student_path: str | Path) -> list[CheckResult]:
+        return compare_by_probes(self, str(student_path))
+
     def info(self) -> TeacherInfo:
         if self._info is None:
             bos = self.tokenize("", add_special_tokens=True)
@@ -197,6 +211,86 @@ class VLLMServerTeacher(RemoteTeacher):
                 ) from None
             if tops is not None:
                 # The dict holds the actual token (any rank) plus the top-k: keep ranks 1..k.
-                best = [(i, v) for i, v, r in ranked if r is None or r <= top_k]
-                tops.append(sorted(best, key=lambda p: (-p[1], p[0]))[:top_k])
+                tops.append(rank_top_k(((i, v) for i, v, r in ranked if r is None or r <= top_k), top_k))
         return TeacherScores(logprobs=logprobs, top_k=tops)
+
+
+def _student_vocab_texts(tok: Any, max_ids: int = 4096, per_text: int = 64) -> list[str]:
+    """Text made of the student's non-special tokens (up to `max_ids`, spread over the vocabulary)."""
+    special = set(tok.all_special_ids)
+    ids = [i for i in range(len(tok)) if i not in special]
+    if len(ids) > max_ids:
+        step = len(ids) / max_ids
+        ids = [ids[int(k * step)] for k in range(max_ids)]
+    return [tok.decode(ids[s : s + per_text]) for s in range(0, len(ids), per_text)]
+
+
+def compare_by_probes(teacher: VLLMServerTeacher, student_path: str) -> list[CheckResult]:
+    """Tokenizer, vocabulary and EOS probes of a vLLM server against the student's tokenizer."""
+    tok = load_tokenizer(student_path)
+    out: list[CheckResult] = []
+    fix = FIX
+    model = teacher.model_name()
+    mismatch = None
+    for text in PROBE_TEXTS:
+        theirs, ours = teacher.tokenize(text, add_special_tokens=True), list(tok(text)["input_ids"])
+        if theirs != ours:
+            mismatch = (text, theirs, ours)
+            break
+    if mismatch is None:
+        for text in _student_vocab_texts(tok):
+            theirs = teacher.tokenize(text, add_special_tokens=False)
+            ours = list(tok(text, add_special_tokens=False)["input_ids"])
+            if theirs != ours:
+                mismatch = (text, theirs, ours)
+                break
+    if mismatch:
+        text, theirs, ours = mismatch
+        out.append(
+            (
+                "tokenizer",
+                "fail",
+                (f"teacher {model!r} and student {student_path!r} tokenize {text[:60]!r} differently "
+                f"(teacher: {theirs[:20]}, student: {ours[:20]}). Log-probs are compared token id by token id. {fix}"),
+            )
+        )
+    else:
+        out.append(
+            (
+                "tokenizer",
+                "pass",
+                (f"teacher {model!r} tokenizes {len(PROBE_TEXTS)} probe strings and the "
+                f"student's whole vocabulary exactly as student {student_path!r}"),
+            )
+        )
+    n_student, n_teacher = len(tok), teacher.vocab_size()
+    if n_teacher < n_student:
+        out.append(
+            (
+                "vocabulary",
+                "fail",
+                (f"teacher {model!r} accepts token ids < {n_teacher}, student "
+                f"{student_path!r} has {n_student} tokens: ids {n_teacher}..{n_student - 1} are out of the "
+                f"teacher's vocabulary. {fix}"),
+            )
+        )
+    else:
+        pad = f" (the teacher's model vocabulary is padded to {n_teacher})" if n_teacher > n_student else ""
+        out.append(("vocabulary", "pass", f"every student id (< {n_student}) is a teacher id{pad}"))
+    eos = [int(i) for i in describe_model(student_path).eos_token_ids]
+    prompt = list(tok(PROBE_TEXT)["input_ids"])[:4] or [0]
+    not_stopping = [i for i in eos if not teacher.stops_at(i, prompt)]
+    if not eos:
+        out.append(("eos", "warn", f"student {student_path!r} declares no EOS token; nothing to compare"))
+    elif not_stopping:
+        out.append(
+            (
+                "eos",
+                "fail",
+                (f"teacher {model!r} does not end generation at the student's EOS ids "
+                f"{not_stopping} (student {student_path!r} EOS ids: {eos}). {fix}"),
+            )
+        )
+    else:
+        out.append(("eos", "pass", f"teacher ends generation at the student's EOS ids {eos}"))
+    return out

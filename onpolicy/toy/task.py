@@ -15,11 +15,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str  # the expected completion text (no EOS)
+from onpolicy.types import Example
 
 
 def render(a: int, b: int) -> Example:

@@ -13,14 +13,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from onpolicy.config import RunConfig
-from services.control.db import ACTIVE, TERMINAL, RunRecord, Store, new_id
+from onpolicy.config import RunConfig, config_error_items
+from onpolicy.status import ACTIVE, RESUMABLE, TERMINAL, RunStatus
+from services.control.db import RunRecord, Store, new_id
 from services.control.launcher import Launcher, RayLauncher
 from services.control.scheduler import Scheduler
 from services.control.schemas import RunView, StatusChange, TeacherRef
 from services.control.settings import Settings
-
-RESUMABLE = ("stopped", "paused", "failed", "finished")
 
 
 class ApiError(Exception):
@@ -32,13 +31,8 @@ class ApiError(Exception):
 
 def config_errors(err: ValidationError, prefix: tuple[str, ...] = ("body", "config")) -> list[dict[str, Any]]:
     """Pydantic errors as JSON: each with `path` (e.g. `rollout.max_new_tokens`), `loc`, `msg`, `type`."""
-    out = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        msg = "unknown field (check the spelling; see configs/ for valid keys)" if e["type"] == "extra_forbidden" \
-            else e["msg"]
-        out.append({"path": ".".join(loc) or "(top level)", "loc": [*prefix, *loc], "msg": msg, "type": e["type"]})
-    return out
+    return [{"path": e["path"], "loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in config_error_items(err)]
 
 
 class Control:
@@ -78,7 +72,7 @@ class Control:
         except ValidationError as err:
             raise ApiError(422, config_errors(err)) from None
         now = time.time()
-        rec = RunRecord(id=run_id, name=cfg.name, status="queued", reason="queued: waiting for the scheduler",
+        rec = RunRecord(id=run_id, name=cfg.name, status=RunStatus.QUEUED, reason="queued: waiting for the scheduler",
                         step=0, config_json=json.dumps(cfg.model_dump(mode="json")), output_dir=str(out),
                         teacher_id=teacher_id, resume=0, created=now, updated=now)
         self.store.add_run(rec)
@@ -87,15 +81,17 @@ class Control:
     def stop(self, run_id: str, pause: bool) -> RunRecord:
         """Graceful stop/pause: the run finishes its step, checkpoints and saves its student. Idempotent."""
         rec = self.get(run_id)
-        target = "paused" if pause else "stopped"
-        if rec.status == "queued":
-            self.store.update_run(run_id, expect=("queued",), status=target, reason=f"{target} while queued",
-                                  ended=time.time())
-        elif rec.status == "paused" and not pause:
-            self.store.update_run(run_id, expect=("paused",), status="stopped", reason="stopped while paused")
-        elif rec.status in ("starting", "running", "degraded"):
+        target = RunStatus.PAUSED if pause else RunStatus.STOPPED
+        if rec.status == RunStatus.QUEUED:
+            self.store.update_run(run_id, expect=(RunStatus.QUEUED,), status=target,
+                                  reason=f"{target} while queued", ended=time.time())
+        elif rec.status == RunStatus.PAUSED and not pause:
+            self.store.update_run(run_id, expect=(RunStatus.PAUSED,), status=RunStatus.STOPPED,
+                                  reason="stopped while paused")
+        elif rec.status in (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.DEGRADED):
             if self.launcher.request_stop(run_id, pause):
-                self.store.update_run(run_id, expect=(rec.status,), status="pausing" if pause else "stopping",
+                self.store.update_run(run_id, expect=(rec.status,),
+                                      status=RunStatus.PAUSING if pause else RunStatus.STOPPING,
                                       reason=f"{'pause' if pause else 'stop'} requested; finishing the current step")
             else:
                 self.scheduler.refresh(rec, alive=False)
@@ -105,15 +101,16 @@ class Control:
     def resume(self, run_id: str, steps: int | None) -> RunRecord:
         rec = self.get(run_id)
         if rec.status not in RESUMABLE:
-            if rec.status == "queued":
+            if rec.status == RunStatus.QUEUED:
                 return rec
             raise ApiError(409, f"run {run_id} is {rec.status}; only a stopped, paused, failed or finished run "
                            "can be resumed")
         cfg = rec.config
         if steps is not None:
-            cfg.setdefault("schedule", {})["steps"] = steps
-        self.store.update_run(run_id, expect=(rec.status,), status="queued", reason="queued: resume requested",
-                              resume=1, config_json=json.dumps(cfg), ended=None)
+            cfg.schedule.steps = steps
+        self.store.update_run(run_id, expect=(rec.status,), status=RunStatus.QUEUED,
+                              reason="queued: resume requested", resume=1,
+                              config_json=json.dumps(cfg.model_dump(mode="json")), ended=None)
         return self.scheduler.try_start(self.get(run_id, refresh=False))
 
     def delete(self, run_id: str) -> None:
@@ -129,19 +126,17 @@ class Control:
 
     def view(self, rec: RunRecord, history: bool = False) -> RunView:
         cfg = rec.config
-        teacher = cfg.get("teacher") or {}
         hist = None
         if history:
             hist = [StatusChange(status=h.status, reason=h.reason, step=h.step, time=h.time)
                     for h in self.store.history(rec.id)]
         return RunView(
             id=rec.id, name=rec.name, status=rec.status, reason=rec.reason, step=rec.step,
-            steps=int((cfg.get("schedule") or {}).get("steps", 0)), policy_version=rec.policy_version,
-            latest_metrics=rec.latest_metrics,
-            teacher=TeacherRef(kind=teacher.get("kind", "local"), url=teacher.get("url"), teacher_id=rec.teacher_id),
+            steps=cfg.schedule.steps, policy_version=rec.policy_version, latest_metrics=rec.latest_metrics,
+            teacher=TeacherRef(kind=cfg.teacher.kind, url=cfg.teacher.url, teacher_id=rec.teacher_id),
             output_dir=rec.output_dir, created=rec.created, updated=rec.updated, started=rec.started,
             ended=rec.ended, history=hist,
         )
 
-    def is_terminal(self, status: str) -> bool:
+    def is_terminal(self, status: RunStatus) -> bool:
         return status in TERMINAL

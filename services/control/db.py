@@ -14,11 +14,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update
+from sqlalchemy import (
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-ACTIVE = ("starting", "running", "degraded", "stopping", "pausing")
-TERMINAL = ("finished", "stopped", "paused", "failed")
+from onpolicy.config import RunConfig, config_from_dict
+from onpolicy.status import ACTIVE, RunStatus
+
+# Stored as the plain value ("running"), read back as `RunStatus`; no database-side enum type.
+STATUS = Enum(RunStatus, native_enum=False, create_constraint=False, length=16,
+              values_callable=lambda e: [m.value for m in e])
 
 
 class Base(DeclarativeBase):
@@ -29,7 +45,7 @@ class RunRecord(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[RunStatus] = mapped_column(STATUS, index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -44,8 +60,8 @@ class RunRecord(Base):
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     @property
-    def config(self) -> dict[str, Any]:
-        return json.loads(self.config_json)
+    def config(self) -> RunConfig:
+        return config_from_dict(json.loads(self.config_json), source=f"run {self.id}")
 
     @property
     def latest_metrics(self) -> dict[str, Any] | None:
@@ -56,7 +72,7 @@ class StatusEvent(Base):
     __tablename__ = "run_status_history"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[RunStatus] = mapped_column(STATUS)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     time: Mapped[float] = mapped_column(Float)
@@ -110,14 +126,14 @@ class Store:
         with self.session() as s:
             return s.get(RunRecord, run_id)
 
-    def list_runs(self, status: str | None = None, limit: int = 1000) -> list[RunRecord]:
+    def list_runs(self, status: RunStatus | None = None, limit: int = 1000) -> list[RunRecord]:
         q = select(RunRecord).order_by(RunRecord.created)
         if status:
             q = q.where(RunRecord.status == status)
         with self.session() as s:
             return list(s.scalars(q.limit(limit)))
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self) -> dict[RunStatus, int]:
         with self.session() as s:
             rows = s.execute(select(RunRecord.status, func.count()).group_by(RunRecord.status))
             return {status: n for status, n in rows}
@@ -126,7 +142,7 @@ class Store:
         with self.session() as s:
             return int(s.scalar(select(func.count()).where(RunRecord.status.in_(ACTIVE))) or 0)
 
-    def update_run(self, run_id: str, *, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
+    def update_run(self, run_id: str, *, expect: tuple[RunStatus, ...] | None = None, **fields: Any) -> bool:
         """Set `fields` (a status change is added to the history); with `expect`, only if the status is one
         of those (a compare-and-set: the replica whose UPDATE matched owns the transition)."""
         fields["updated"] = time.time()
@@ -145,7 +161,8 @@ class Store:
             return bool(n)
 
     def claim_queued(self, run_id: str, reason: str | None = None) -> bool:
-        return self.update_run(run_id, expect=("queued",), status="starting", reason=reason, started=time.time())
+        return self.update_run(run_id, expect=(RunStatus.QUEUED,), status=RunStatus.STARTING, reason=reason,
+                               started=time.time())
 
     def delete_run(self, run_id: str) -> None:
         with self.session() as s:

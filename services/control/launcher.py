@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from onpolicy.status import write_status
+from onpolicy.config import RunConfig
+from onpolicy.status import RunStatus, write_status
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ class LaunchError(RuntimeError):
 
 @runtime_checkable
 class Launcher(Protocol):
-    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
+    def submit(self, run_id: str, cfg: RunConfig, resume: bool) -> None:
         """Start the run's driver (raise LaunchError if it cannot be)."""
 
     def request_stop(self, run_id: str, pause: bool) -> bool:
@@ -70,21 +71,21 @@ class RayLauncher:
                 self._connected = True
         return ray
 
-    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
-        from onpolicy.runner import launch_driver
+    def submit(self, run_id: str, cfg: RunConfig, resume: bool) -> None:
+        from onpolicy.runner import launch_run_actor
 
         self._ray()
         self.reap(run_id, force=True)  # a previous driver of this run (stopped/paused) is done
         try:
-            launch_driver(run_id, cfg, resume=resume)
+            launch_run_actor(run_id, cfg, resume=resume)
         except Exception as err:
             raise LaunchError(f"could not start the driver actor: {type(err).__name__}: {err}") from err
 
     def _handle(self, run_id: str):
-        from onpolicy.runner import get_driver
+        from onpolicy.runner import get_run_actor
 
         self._ray()
-        return get_driver(run_id)
+        return get_run_actor(run_id)
 
     def request_stop(self, run_id: str, pause: bool) -> bool:
         ray = self._ray()
@@ -154,21 +155,21 @@ class InMemoryLauncher:
         self.submits: list[tuple[str, bool]] = []
         self._lock = threading.Lock()
 
-    def submit(self, run_id: str, cfg: dict[str, Any], resume: bool) -> None:
+    def submit(self, run_id: str, cfg: RunConfig, resume: bool) -> None:
         if self.fail_with:
             raise LaunchError(self.fail_with)
         with self._lock:
             self.submits.append((run_id, resume))
             self.live[run_id] = {"cfg": cfg, "step": 0}
-        Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
-        write_status(cfg["output_dir"], "running", step=0)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_status(cfg.output_dir, RunStatus.RUNNING, step=0)
 
     def request_stop(self, run_id: str, pause: bool) -> bool:
         with self._lock:
             entry = self.live.pop(run_id, None)
         if entry is None:
             return False
-        write_status(entry["cfg"]["output_dir"], "paused" if pause else "stopped", step=entry["step"])
+        write_status(entry["cfg"].output_dir, RunStatus.PAUSED if pause else RunStatus.STOPPED, step=entry["step"])
         return True
 
     def is_alive(self, run_id: str) -> bool | None:

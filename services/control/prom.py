@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from services.control.db import ACTIVE, Store
-
-STATUSES = ("queued", "starting", "running", "degraded", "stopping", "pausing", "paused", "stopped", "finished",
-            "failed")
+from onpolicy.status import ACTIVE, RunStatus
+from services.control.db import Store
 
 
 def render_metrics(store: Store) -> tuple[bytes, str]:
     reg = CollectorRegistry()
     by_status = Gauge("onpolicy_runs", "Runs by status", ["status"], registry=reg)
     counts = store.count_by_status()
-    for s in STATUSES:
-        by_status.labels(s).set(counts.get(s, 0))
+    for s in RunStatus:
+        by_status.labels(s.value).set(counts.get(s, 0))
     step = Gauge("onpolicy_run_step", "Training step of each active run", ["run_id"], registry=reg)
     tps = Gauge("onpolicy_run_tokens_per_second", "Sampled tokens/s of the last step", ["run_id"], registry=reg)
     latency = Gauge("onpolicy_run_teacher_score_seconds", "Teacher scoring time of the last step", ["run_id"],

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from onpolicy.metrics import read_metrics
-from onpolicy.status import read_status
+from onpolicy.status import RunStatus, read_status
 from services.control.core import ApiError, Control
 from services.control.schemas import (
     Artifact,
@@ -24,7 +24,6 @@ from services.control.schemas import (
     Problem,
     ResumeRun,
     RunList,
-    RunStatus,
     RunView,
 )
 

@@ -9,13 +9,13 @@ import time
 import httpx
 from fastapi import APIRouter, Request
 
+from onpolicy.teacher.factory import REMOTE_KINDS
 from services.control.core import ApiError, Control
 from services.control.db import TeacherRecord, new_id
 from services.control.routes_runs import ERRORS
 from services.control.schemas import AttachTeacher, CheckItemView, TeacherList, TeacherView
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
-PROBE_PATH = {"service": "/v1/info", "vllm": "/v1/models", "sglang": "/get_model_info"}
 
 
 def _control(request: Request) -> Control:
@@ -25,7 +25,7 @@ def _control(request: Request) -> Control:
 def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: float = 10.0) -> dict:
     """Without a student folder, only check that the teacher answers its dialect's info endpoint."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    target = url.rstrip("/") + PROBE_PATH[kind]
+    target = url.rstrip("/") + REMOTE_KINDS[kind].info_path
     try:
         r = httpx.get(target, headers=headers, timeout=timeout_s)
         ok = r.status_code == 200
@@ -40,7 +40,7 @@ def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: flo
 
 
 def run_check(body: AttachTeacher) -> dict:
-    api_key = os.environ.get(body.api_key_env) if body.api_key_env else None
+    api_key = os.environ.get(body.api_key_env) if body.api_key_env else None  # unset: the check says 401
     if not body.student:
         return reachability_report(body.url, body.kind, api_key)
     from onpolicy.teacher.check import check_teacher

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from onpolicy.runner import required_cpus
-from onpolicy.status import read_status, write_status
-from services.control.db import ACTIVE, TERMINAL, RunRecord, Store
+from onpolicy.status import ACTIVE, TERMINAL, RunStatus, read_status, write_status
+from services.control.db import RunRecord, Store
 from services.control.launcher import Launcher, LaunchError
 
 log = logging.getLogger(__name__)
@@ -29,24 +29,25 @@ LAUNCH_GRACE_S = 120.0  # a run claimed this recently may not have its actor reg
 LAUNCHING = "launching the driver actor"
 
 
-def reconcile_status(db_status: str, file: dict[str, Any] | None, alive: bool | None,
-                     launching_for_s: float | None = None) -> tuple[str, str | None] | None:
+def reconcile_status(db_status: RunStatus, file: dict[str, Any] | None, alive: bool | None,
+                     launching_for_s: float | None = None) -> tuple[RunStatus, str | None] | None:
     """The (status, reason) a record should take, or None to leave it as it is."""
     if db_status not in ACTIVE:
         return None
-    file_status = (file or {}).get("status")
-    if db_status == "pausing" and file_status == "stopped":
-        # the driver writes `stopped` as it leaves its loop, then `paused`: wait for the second write
-        return ("paused", "paused") if alive is False else None
+    raw = (file or {}).get("status")
+    file_status = RunStatus(raw) if raw in RunStatus._value2member_map_ else None
+    if db_status == RunStatus.PAUSING and file_status == RunStatus.STOPPED:
+        # a run stopped for a pause writes `paused`; `stopped` means the stop came first: wait for the actor
+        return (RunStatus.PAUSED, "paused") if alive is False else None
     if file_status in TERMINAL:
         return file_status, (file or {}).get("reason")
     if alive is False:
         if launching_for_s is not None and launching_for_s < LAUNCH_GRACE_S:
             return None
-        return "failed", "driver lost: no driver actor on the cluster and no final status in status.json"
-    if db_status in ("stopping", "pausing"):
+        return RunStatus.FAILED, "driver lost: no driver actor on the cluster and no final status in status.json"
+    if db_status in (RunStatus.STOPPING, RunStatus.PAUSING):
         return None
-    if file_status in ("running", "degraded") and file_status != db_status:
+    if file_status in (RunStatus.RUNNING, RunStatus.DEGRADED) and file_status != db_status:
         return file_status, (file or {}).get("reason")
     return None
 
@@ -124,19 +125,19 @@ class Scheduler:
         reason = self.wait_reason(rec)
         if reason is not None:
             if reason != rec.reason:
-                self.store.update_run(rec.id, expect=("queued",), reason=reason)
+                self.store.update_run(rec.id, expect=(RunStatus.QUEUED,), reason=reason)
             return self.store.get_run(rec.id) or rec
         if not self.store.claim_queued(rec.id, reason=LAUNCHING):
             return self.store.get_run(rec.id) or rec  # another replica took it, or it was stopped
         cfg = rec.config
         Path(rec.output_dir).mkdir(parents=True, exist_ok=True)
-        write_status(rec.output_dir, "starting", step=rec.step)  # a stale final status must not win
+        write_status(rec.output_dir, RunStatus.STARTING, step=rec.step)  # a stale final status must not win
         try:
             self.launcher.submit(rec.id, cfg, resume=bool(rec.resume))
-            self.store.update_run(rec.id, expect=("starting",), reason=None)
+            self.store.update_run(rec.id, expect=(RunStatus.STARTING,), reason=None)
         except LaunchError as err:
-            write_status(rec.output_dir, "failed", step=rec.step, reason=str(err))
-            self.store.update_run(rec.id, status="failed", reason=str(err), ended=time.time())
+            write_status(rec.output_dir, RunStatus.FAILED, step=rec.step, reason=str(err))
+            self.store.update_run(rec.id, status=RunStatus.FAILED, reason=str(err), ended=time.time())
         return self.store.get_run(rec.id) or rec
 
     # ---- the loop --------------------------------------------------------------------------
@@ -155,9 +156,9 @@ class Scheduler:
                             self.launcher.reap(run_id)
                         except Exception as err:  # noqa: BLE001 -- retried next tick
                             log.warning("could not remove the driver of run %s: %s", run_id, err)
-            for rec in self.store.list_runs(status="queued"):
+            for rec in self.store.list_runs(status=RunStatus.QUEUED):
                 rec = self.try_start(rec)
-                if rec.status == "queued":
+                if rec.status == RunStatus.QUEUED:
                     break  # FIFO: later runs wait behind the first that does not fit
 
     def _loop(self, interval_s: float) -> None:

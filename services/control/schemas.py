@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStatus = Literal["queued", "starting", "running", "degraded", "stopping", "pausing", "paused", "stopped",
-                    "finished", "failed"]
+from onpolicy.status import RunStatus
 
 
 class _Body(BaseModel):
@@ -41,7 +40,7 @@ class TeacherRef(BaseModel):
 
 
 class StatusChange(BaseModel):
-    status: str
+    status: RunStatus
     reason: str | None = None
     step: int
     time: float

@@ -1,14 +1,12 @@
-"""`python -m services.teacher --model DIR [--port 8100] [--backend vllm|hf] [--host] [--dtype]`."""
+"""`python -m services.teacher --model DIR ...` (the same flags as `onpolicy serve teacher`)."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m services.teacher", description="Serve a teacher model for scoring."
-    )
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The teacher service's flags, defined once for both entry points."""
     p.add_argument("--model", required=True, help="Hugging Face model folder of the teacher")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
@@ -30,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def serve_from_args(args: argparse.Namespace) -> None:
     from services.teacher.serve import serve_teacher
 
     serve_teacher(
@@ -50,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         log_level=args.log_level,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m services.teacher", description="Serve a teacher model for scoring.")
+    serve_from_args(add_serve_arguments(p).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from onpolicy.protocols import Teacher
-from onpolicy.types import ScoreRequest, ScoreResponse, ScoreUsage, TeacherInfo
+from onpolicy.types import ScoreRequest, ScoreResponse, ScoreUsage, TeacherInfo, check_top_k
 from services.teacher.batcher import ScoreBatcher
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,10 @@ def _check_request(req: ScoreRequest, info: TeacherInfo, max_sequences: int, max
             f"too many sequences: got {n}, this server accepts at most {max_sequences} "
             "per request (split the batch)",
         )
-    if req.top_k > info.max_top_k:
-        raise HTTPException(422, f"top_k={req.top_k} is above this teacher's max_top_k={info.max_top_k}")
+    try:
+        check_top_k(req.top_k, info.max_top_k)
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
     for i, seq in enumerate(req.sequences):
         length = len(seq.prompt_ids) + len(seq.completion_ids)
         if length > max_tokens:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -32,33 +32,31 @@ def build_teacher_app(
 ) -> FastAPI:
     """Load `model` with `backend` (`vllm` or `hf`) and wrap it in `create_app`.
 
-    With vLLM, `max_tokens_per_sequence` is capped at the engine's `max_model_len`, so a
-    too-long sequence gets a 413 instead of an engine error.
+    `max_tokens_per_sequence` is capped at the model's `max_model_len`, so a too-long sequence
+    gets a 413 instead of an engine error.
     """
-    if backend == "vllm":
-        from onpolicy.rollout.engine import vllm_env
+    from onpolicy.config import ResourcesConfig, TeacherConfig
+    from onpolicy.teacher.factory import open_teacher
 
+    if backend == "vllm":
+        from onpolicy.engines.vllm import vllm_env
+
+        # The engine runs in this process; the rest of its environment only if the user did not choose.
         env = vllm_env(kv_cache_gib)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         for key, value in env.items():
             os.environ.setdefault(key, value)
-        from onpolicy.teacher.local import VLLMTeacher
-
-        teacher = VLLMTeacher(model, dtype=dtype, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
-        engine_max = int(teacher.engine.llm.llm_engine.model_config.max_model_len)
-        if engine_max < max_tokens_per_sequence:
-            log.info(
-                "max_tokens_per_sequence %d capped at the engine's max_model_len %d",
-                max_tokens_per_sequence,
-                engine_max,
-            )
-            max_tokens_per_sequence = engine_max
-    elif backend == "hf":
-        from onpolicy.teacher.local import HFTeacher
-
-        teacher = HFTeacher(model, dtype=dtype)
-    else:
-        raise ValueError(f"unknown teacher backend {backend!r} (expected 'vllm' or 'hf')")
+    teacher = open_teacher(
+        TeacherConfig(kind="local", model=model, backend=backend, dtype=dtype),
+        resources=ResourcesConfig(vllm_kv_cache_gib=kv_cache_gib),
+        in_process=True,
+        max_model_len=max_model_len,
+    )
+    engine_max = teacher.info().max_model_len
+    if engine_max is not None and engine_max < max_tokens_per_sequence:
+        log.info("max_tokens_per_sequence %d capped at the model's max_model_len %d", max_tokens_per_sequence,
+                 engine_max)
+        max_tokens_per_sequence = engine_max
 
     from services.teacher.app import create_app
 
@@ -78,19 +76,11 @@ def serve_teacher(
     *,
     host: str = "127.0.0.1",
     port: int = 8100,
-    backend: str = "vllm",
-    dtype: str = "float32",
     api_key_env: str | None = "ONPOLICY_TEACHER_API_KEY",
-    model_name: str | None = None,
-    max_sequences: int = 256,
-    max_tokens_per_sequence: int = 4096,
-    max_batch_sequences: int = 512,
-    batch_wait_ms: float = 2.0,
-    kv_cache_gib: int = 1,
-    max_model_len: int | None = None,
     log_level: str = "info",
+    **app_kwargs: Any,
 ) -> None:
-    """Serve `model` on http://host:port until interrupted (blocks).
+    """Serve `model` on http://host:port until interrupted (blocks); `app_kwargs` go to `build_teacher_app`.
 
     The bearer token is read from the environment variable `api_key_env` (unset or empty: no
     auth), so it never appears on a command line or in a log.
@@ -99,19 +89,7 @@ def serve_teacher(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
-    app = build_teacher_app(
-        model,
-        backend=backend,
-        dtype=dtype,
-        api_key=api_key,
-        model_name=model_name,
-        max_sequences=max_sequences,
-        max_tokens_per_sequence=max_tokens_per_sequence,
-        max_batch_sequences=max_batch_sequences,
-        batch_wait_ms=batch_wait_ms,
-        kv_cache_gib=kv_cache_gib,
-        max_model_len=max_model_len,
-    )
+    app = build_teacher_app(model, api_key=api_key, **app_kwargs)
     auth = f"bearer token required (from ${api_key_env})" if api_key else "no auth"
-    log.info("teacher %s (%s, %s) on http://%s:%d, %s", model, backend, dtype, host, port, auth)
+    log.info("teacher %s on http://%s:%d, %s", model, host, port, auth)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,6 +1,6 @@
-"""Publishing the learner's weights to the rollout workers.
+"""The rollout workers as one pool: fan prompts out and gather rollouts in order, push weights to all.
 
-CPU path (this module): the `WeightUpdate` is put in the Ray object store once; every worker
+Weight push, CPU path: the `WeightUpdate` is put in the Ray object store once; every worker
 reads it (zero-copy on the same node) and loads it with vLLM's
 `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`, then resets its prefix
 cache (`VLLMEngine.load_weights`). GPU path (later): vLLM's weight-transfer API over NCCL
@@ -12,11 +12,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from onpolicy.types import WeightUpdate
+from onpolicy.types import Rollout, WeightUpdate
 
 
 class WeightPushError(RuntimeError):
     """A worker did not end up serving the pushed version."""
+
+
+def shard(items: list, n: int) -> list[list]:
+    """Split into n contiguous, nearly equal parts (order is kept when re-joined)."""
+    k, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + k + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def generate_on(workers: list[Any], prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
+    """Fan prompts out over the rollout workers and gather rollouts in prompt order.
+
+    Worker i gets `seed + i` (when a seed is given), so workers never draw the same samples."""
+    import ray
+
+    parts = shard(prompts, len(workers))
+    refs, offsets, offset = [], [], 0
+    for worker, part in zip(workers, parts):
+        if part:
+            seed = kwargs.get("seed")
+            kw = dict(kwargs, seed=None if seed is None else seed + len(refs))
+            refs.append(worker.generate.remote(part, **kw))
+            offsets.append(offset)
+        offset += len(part)
+    rollouts: list[Rollout] = []
+    for off, result in zip(offsets, ray.get(refs)):
+        rollouts.extend(r.model_copy(update={"prompt_index": r.prompt_index + off}) for r in result)
+    return rollouts
 
 
 def push_weights(update: WeightUpdate | Any, workers: list[Any]) -> list[int]:

@@ -14,43 +14,21 @@ from dataclasses import dataclass
 
 from onpolicy.data import encode_prompts, exact_match
 from onpolicy.protocols import Teacher
-from onpolicy.toy.task import Example
-from onpolicy.types import Rollout, ScoreRequestItem
+from onpolicy.rollout.pool import generate_on
+from onpolicy.types import Example, Rollout, ScoreRequestItem
+
+# Held-out sampling uses its own seed, apart from the training stream's: the run seed plus this.
+EVAL_SEED_OFFSET = 12345
 
 
-def shard(items: list, n: int) -> list[list]:
-    """Split into n contiguous, nearly equal parts (order is kept when re-joined)."""
-    k, r = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + k + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
-def generate_on(workers, prompts: list[list[int]], **kwargs) -> list[Rollout]:
-    """Fan prompts out over the rollout workers and gather rollouts in prompt order."""
-    import ray
-
-    parts = shard(prompts, len(workers))
-    refs, offsets, offset = [], [], 0
-    for worker, part in zip(workers, parts):
-        if part:
-            seed = kwargs.get("seed")
-            kw = dict(kwargs, seed=None if seed is None else seed + len(refs))
-            refs.append(worker.generate.remote(part, **kw))
-            offsets.append(offset)
-        offset += len(part)
-    rollouts: list[Rollout] = []
-    for off, result in zip(offsets, ray.get(refs)):
-        rollouts.extend(r.model_copy(update={"prompt_index": r.prompt_index + off}) for r in result)
-    return rollouts
+def eval_seed(run_seed: int) -> int:
+    return run_seed + EVAL_SEED_OFFSET
 
 
 def score_rollouts(teacher: Teacher, rollouts: list[Rollout], top_k: int = 0):
     items = [ScoreRequestItem(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids) for r in rollouts]
     return teacher.score(items, top_k=top_k)
+
 
 
 def mean_reverse_kl(rollouts: list[Rollout], teacher_logprobs: list[list[float]]) -> float:
@@ -77,7 +55,7 @@ class SplitResult:
 
 
 def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example], *,
-                   max_new_tokens: int, seed: int = 12345) -> SplitResult:
+                   max_new_tokens: int, seed: int) -> SplitResult:
     prompts = encode_prompts(tokenizer, examples)
     greedy = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     correct = sum(exact_match(tokenizer, r.completion_ids, examples[r.prompt_index]) for r in greedy)
@@ -89,7 +67,7 @@ def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example]
 
 
 def evaluate(workers, teacher: Teacher, tokenizer, heldout: list[Example], ood: list[Example], *,
-             max_new_tokens: int, seed: int = 12345) -> dict[str, float]:
+             max_new_tokens: int, seed: int) -> dict[str, float]:
     """Flat metrics dict: `heldout_accuracy`, `heldout_reverse_kl`, `ood_accuracy`, `ood_reverse_kl`."""
     out: dict[str, float] = {}
     for name, examples in (("heldout", heldout), ("ood", ood)):

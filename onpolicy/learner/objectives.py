@@ -1,0 +1,89 @@
+"""The loss registry: `loss.kind` -> the function that computes it and what it needs from the teacher.
+
+A new objective is one registration (plus its name in `LossConfig.kind`, which a test keeps in
+step with this table):
+
+    @register_objective("my_loss", needs_topk=True)
+    def my_loss(x: LossInputs, cfg: LossConfig, normalizer: float) -> tuple[Tensor, dict[str, float]]:
+        ...
+
+The learner computes the logits and the learner log-probs of the sampled tokens once per
+micro-batch and hands them over in `LossInputs`; the function returns (differentiable loss,
+plain-float metrics). `normalizer` is the WHOLE batch's token (or sequence) count, so gradients
+accumulated over micro-batches equal the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from onpolicy.config import LossConfig
+from onpolicy.learner.batch import LearnBatch
+from onpolicy.learner.losses import generalized_jsd_loss, sampled_reverse_kl_loss, topk_reverse_kl_loss
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    batch: LearnBatch  # one micro-batch, on the learner's device
+    logits_BLV: torch.Tensor  # float32 logits of the learner
+    learner_logprobs_BL: torch.Tensor  # log pi(target token), differentiable
+
+
+LossFn = Callable[[LossInputs, LossConfig, float], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    fn: LossFn
+    needs_topk: bool  # the teacher must return its top-k at every position (teacher.top_k > 0)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, *, needs_topk: bool = False) -> Callable[[LossFn], LossFn]:
+    def add(fn: LossFn) -> LossFn:
+        if name in OBJECTIVES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        OBJECTIVES[name] = Objective(name, fn, needs_topk)
+        return fn
+
+    return add
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown loss.kind {name!r}: registered losses are {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
+
+
+@register_objective("reverse_kl")
+def _reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+    b = x.batch
+    return sampled_reverse_kl_loss(
+        x.learner_logprobs_BL, b.sampler_logprobs_BL, b.teacher_logprobs_BL, b.mask_BL,
+        kl_coef=cfg.kl_coef, gamma=cfg.gamma, ratio_max=cfg.ratio_max, normalize=cfg.normalize,
+        normalizer=normalizer,
+    )
+
+
+@register_objective("topk_reverse_kl", needs_topk=True)
+def _topk_reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+    b = x.batch
+    return topk_reverse_kl_loss(
+        x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, topk_mask_BTK=b.topk_mask_BLK,
+        normalize=cfg.normalize, normalizer=normalizer,
+    )
+
+
+@register_objective("jsd", needs_topk=True)
+def _jsd(x: LossInputs, cfg: LossConfig, normalizer: float):
+    b = x.batch
+    return generalized_jsd_loss(
+        x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, cfg.beta, topk_mask_BTK=b.topk_mask_BLK,
+        normalize=cfg.normalize, normalizer=normalizer,
+    )

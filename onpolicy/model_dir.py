@@ -1,0 +1,22 @@
+"""The one rule for "is this a model folder?", checked before anything expensive starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def require_model_dir(path: str | Path, role: str | None = None) -> Path:
+    """The resolved folder, or FileNotFoundError naming `role` (student, teacher), the path and what is missing."""
+    p = Path(path)
+    what = f"{role} model folder" if role else "model folder"
+    hint = " (run `onpolicy toy build --out toy` to build the toy models)" if "toy" in str(p) else ""
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{what} not found: {p} (expected a Hugging Face model folder){hint}"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} {p} has no config.json: expected a Hugging Face model folder "
+            f"(config, weights, tokenizer){hint}"
+        )
+    return p.resolve()

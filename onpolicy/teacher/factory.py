@@ -1,0 +1,124 @@
+"""The one place a teacher is made: `open_teacher(cfg)` returns something that scores, whatever
+`teacher.kind` says. The driver, `onpolicy eval`, `onpolicy serve teacher` and the compatibility
+check all come through here, so nothing else branches on the kind.
+
+| kind      | what you get                                                                     |
+|-----------|----------------------------------------------------------------------------------|
+| `local`   | the model folder in a Ray actor (`ActorTeacher`), or in this process (`in_process`) |
+| `service` | `ServiceTeacher`: our scoring service over HTTP                                  |
+| `vllm`    | `VLLMServerTeacher`: an external vLLM OpenAI-compatible server                   |
+| `sglang`  | `SGLangTeacher`: an external SGLang server                                       |
+
+With `student=DIR` the teacher is checked against the student before it is returned (tokenizer,
+EOS), and for `local` before its engine even starts (the folders are compared).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from onpolicy.model_dir import require_model_dir
+from onpolicy.protocols import Teacher
+from onpolicy.teacher.fingerprint import assert_compatible, check_compatible
+from onpolicy.teacher.http import BreakerState
+from onpolicy.teacher.remote import RemoteTeacher
+from onpolicy.teacher.service import ServiceTeacher
+from onpolicy.teacher.sglang import SGLangTeacher
+from onpolicy.teacher.vllm_server import VLLMServerTeacher
+from onpolicy.types import check_top_k
+
+if TYPE_CHECKING:
+    from onpolicy.config import ResourcesConfig, TeacherConfig
+
+REMOTE_KINDS: dict[str, type[RemoteTeacher]] = {
+    "service": ServiceTeacher,
+    "vllm": VLLMServerTeacher,
+    "sglang": SGLangTeacher,
+}
+
+
+def remote_teacher(kind: str, url: str, **client_kw: Any) -> RemoteTeacher:
+    """The HTTP adapter for dialect `kind` at `url`; `client_kw` go to `RobustClient` (retries, breaker)."""
+    if kind not in REMOTE_KINDS:
+        raise ValueError(f"unknown remote teacher kind {kind!r}: use one of {', '.join(REMOTE_KINDS)}")
+    return REMOTE_KINDS[kind](url, **client_kw)
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    """The bearer token held by environment variable `var` (None: no auth); the key never enters a config."""
+    if not var:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise ValueError(
+            f"teacher.api_key_env={var!r} but that environment variable is empty or unset; "
+            f"export it (the key is never written into the config)"
+        )
+    return key
+
+
+def open_teacher(
+    tc: TeacherConfig,
+    *,
+    student: str | Path | None = None,
+    seed: int = 0,
+    resources: ResourcesConfig | None = None,
+    in_process: bool = False,
+    on_state_change: Callable[[BreakerState], None] | None = None,
+    max_model_len: int | None = None,
+) -> Teacher:
+    """The teacher `tc` describes, able to serve `tc.top_k`; checked against `student` when given.
+
+    `in_process` (local kind only): load the engine in this process instead of a Ray actor (what
+    the teacher service does). `on_state_change` hears a remote teacher's breaker open and close.
+    """
+    from onpolicy.config import ResourcesConfig
+
+    if tc.kind == "local":
+        model = str(require_model_dir(tc.model, "teacher"))
+        if student is not None:
+            check_compatible(student, model)  # compare the folders before an engine starts
+        res = resources or ResourcesConfig()
+        kwargs: dict[str, Any] = {"dtype": tc.dtype}
+        if tc.backend == "vllm":
+            kwargs.update(
+                seed=seed,
+                kv_cache_gib=res.vllm_kv_cache_gib,
+                threads_bind=res.vllm_threads_bind,
+                max_model_len=max_model_len,
+            )
+        if in_process:
+            from onpolicy.teacher.local import build_local_teacher
+
+            teacher: Teacher = build_local_teacher(model, tc.backend, **kwargs)
+        else:
+            from onpolicy.teacher.actor import start_teacher_actor
+
+            teacher = start_teacher_actor(model, tc.backend, res, **kwargs)
+    else:
+        teacher = remote_teacher(
+            tc.kind,
+            tc.url or "",
+            api_key=api_key_from_env(tc.api_key_env),
+            timeout_s=tc.timeout_s,
+            max_retries=tc.max_retries,
+            backoff_base_s=tc.backoff_base_s,
+            backoff_max_s=tc.backoff_max_s,
+            max_in_flight=tc.max_in_flight,
+            breaker_failures=tc.breaker_failures,
+            breaker_cooldown_s=tc.breaker_cooldown_s,
+            max_wait_s=tc.max_wait_s,
+            on_state_change=on_state_change,
+        )
+    try:
+        if student is not None:
+            assert_compatible(teacher, student)  # reachable, the same tokenizer and EOS
+        if tc.top_k:
+            check_top_k(tc.top_k, teacher.max_top_k(), f"teacher {teacher.info().model!r}")
+    except BaseException:
+        teacher.close()
+        raise
+    return teacher
