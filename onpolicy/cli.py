@@ -64,11 +64,9 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_control(args: argparse.Namespace) -> int:
-    from services.control.serve import serve_control
+    from services.control.__main__ import serve_from_args
 
-    serve_control(args.host, args.port, data_dir=args.data_dir, database_url=args.database_url,
-                  ray_address=args.ray_address, max_concurrent_runs=args.max_concurrent_runs,
-                  log_level=args.log_level)
+    serve_from_args(args)
     return 0
 
 

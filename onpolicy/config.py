@@ -96,6 +96,11 @@ class DataConfig(_Section):
     ood_digits: int = Field(
         4, ge=1, le=12, description="Addition: digits per operand in the out-of-distribution split."
     )
+    skip_long_prompts: bool = Field(
+        False,
+        description="Drop (and count) prompts longer than the student's or teacher's max length minus "
+        "rollout.max_new_tokens, instead of refusing the run before it starts.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -3,6 +3,11 @@
 `addition` is the embedded toy task; `jsonl` reads `{"prompt", "answer"?, "split"?}` lines
 (split is `train` (default), `heldout` or `ood`). Every example is checked by exact match of
 the decoded completion against its answer.
+
+Everything is checked when the source is built, before any engine starts: each file line (an
+object, a non-empty `prompt` string, a known split; errors name file:line), and, with
+`check_lengths`, every prompt against the longest prompt the student and the teacher accept
+(their max length minus `rollout.max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -16,28 +21,41 @@ from onpolicy.config import DataConfig, EvalConfig
 from onpolicy.toy.task import AdditionTask
 from onpolicy.types import Example
 
+SPLITS = ("train", "heldout", "ood")
+
 
 class PromptSource:
     """Training prompt stream plus the fixed held-out (`heldout`) and out-of-distribution (`ood`) sets.
 
     The stream is deterministic in (seed, number drawn), so a resumed run continues where it
-    stopped: pass `skip` = prompts already consumed.
+    stopped: pass `skip` (or call `advance`) with the prompts already consumed.
     """
 
     def __init__(self, data: DataConfig, evalc: EvalConfig, seed: int, *, skip: int = 0):
+        self.data = data
+        self.skipped_long = 0
         if data.task == "addition":
             task = AdditionTask(data.min_digits, data.max_digits, data.ood_digits)
             self.heldout = task.heldout(evalc.num_prompts)
             self.ood = task.ood(evalc.ood_num_prompts) if evalc.ood_num_prompts else []
-            stream: Iterator[Example] = task.train_stream(seed, exclude=self.heldout)
+            self._train: list[Example] | None = None
+            # The longest training prompt the task can draw (both operands at max_digits).
+            self._longest = [Example(prompt=f"{'9' * data.max_digits}+{'9' * data.max_digits}=", answer="")]
+            self._make_stream = lambda: task.train_stream(seed, exclude=self.heldout)
         else:
-            train, self.heldout, self.ood = _read_jsonl(Path(data.prompts_path or ""))
-            self.heldout = self.heldout[: evalc.num_prompts]
-            self.ood = self.ood[: evalc.ood_num_prompts]
-            stream = itertools.cycle(train)
-        self._stream = stream
+            train, heldout, ood = read_prompts_file(Path(data.prompts_path or ""))
+            self.heldout = heldout[: evalc.num_prompts]
+            self.ood = ood[: evalc.ood_num_prompts]
+            self._train = train
+            self._longest = []
+            self._make_stream = lambda: itertools.cycle(self._train)
+        self._stream: Iterator[Example] = self._make_stream()
         self.drawn = 0
-        for _ in range(skip):
+        self.advance(skip)
+
+    def advance(self, n: int) -> None:
+        """Skip `n` prompts (a resumed run continues the stream where it stopped)."""
+        for _ in range(n):
             self.next()
 
     def next(self) -> Example:
@@ -47,21 +65,61 @@ class PromptSource:
     def batch(self, n: int) -> list[Example]:
         return [self.next() for _ in range(n)]
 
+    def check_lengths(self, tokenizer, max_prompt_tokens: int, limit_by: str) -> None:
+        """Refuse (or, with `data.skip_long_prompts`, drop and count) prompts over `max_prompt_tokens`.
 
-def _read_jsonl(path: Path) -> tuple[list[Example], list[Example], list[Example]]:
+        `limit_by` says whose limit it is (student/teacher max length minus max_new_tokens), for the message."""
+        if self.drawn:
+            raise RuntimeError("check_lengths must run before the first prompt is drawn")
+
+        def too_long(e: Example) -> bool:
+            return len(tokenizer(e.prompt)["input_ids"]) > max_prompt_tokens
+
+        named = [("training", self._train if self._train is not None else self._longest),
+                 ("held-out", self.heldout), ("ood", self.ood)]
+        for split, examples in named:
+            long = [e for e in examples if too_long(e)]
+            if not long:
+                continue
+            if not self.data.skip_long_prompts or examples is self._longest:
+                n = len(tokenizer(long[0].prompt)["input_ids"])
+                raise ValueError(
+                    f"{len(long)} {split} prompt(s) are longer than {max_prompt_tokens} tokens ({limit_by}); the "
+                    f"first has {n} tokens: {long[0].prompt[:80]!r}. Shorten them, lower rollout.max_new_tokens, "
+                    f"or set data.skip_long_prompts=true to drop them (they are counted)."
+                )
+            self.skipped_long += len(long)
+            keep = [e for e in examples if not too_long(e)]
+            examples[:] = keep
+        if self._train is not None and not self._train:
+            raise ValueError(f"no training prompt is {max_prompt_tokens} tokens or shorter ({limit_by})")
+        self._stream = self._make_stream()
+
+
+def read_prompts_file(path: Path) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, heldout, ood) from a JSONL file; ValueError naming file:line for any bad line."""
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path} (set data.prompts_path)")
-    splits: dict[str, list[Example]] = {"train": [], "heldout": [], "ood": []}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    shape = '{"prompt": "<non-empty text>", "answer"?: "<text>", "split"?: "train"|"heldout"|"ood"}'
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{n}"
         try:
             rec = json.loads(line)
-            split = rec.get("split", "train")
-            splits[split].append(Example(prompt=rec["prompt"], answer=str(rec.get("answer", ""))))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{path}:{n}: expected {{\"prompt\": str, \"answer\"?: str, "
-                             f"\"split\"?: train|heldout|ood}}: {err}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one object per line: {shape}") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got a {type(rec).__name__}; each line is {shape}")  # noqa: TRY004
+        prompt, split, answer = rec.get("prompt"), rec.get("split", "train"), rec.get("answer", "")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: `prompt` must be a non-empty string (got {prompt!r}); each line is {shape}")
+        if split not in splits:
+            raise ValueError(f"{where}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{where}: `answer` must be text (got a {type(answer).__name__})")  # noqa: TRY004
+        splits[split].append(Example(prompt=prompt, answer=str(answer)))
     if not splits["train"]:
         raise ValueError(f"{path}: no training prompts (lines without split or with split=train)")
     return splits["train"], splits["heldout"], splits["ood"]

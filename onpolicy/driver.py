@@ -21,7 +21,7 @@ from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.heldout import eval_seed, evaluate, score_rollouts
 from onpolicy.metrics import MetricsLog
-from onpolicy.model_dir import require_model_dir
+from onpolicy.model_dir import model_max_len, require_model_dir
 from onpolicy.rollout.pool import generate_on, push_weights
 from onpolicy.status import RunStatus, write_status
 
@@ -61,32 +61,48 @@ class Run:
         self.status = RunStatus.STARTING
         self.teacher, self.learner, self.workers, self.log = None, None, [], None
         self.student_path = str(require_model_dir(cfg.model.student, "student"))
+        # The data is read and checked against the student before anything starts.
+        self.source = PromptSource(cfg.data, cfg.eval, cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
+        self._check_prompt_lengths("student", model_max_len(self.student_path))
         try:
             init_ray()
             # Checked against the student (reachable, tokenizer, EOS, top-k) before any other engine starts.
             self.teacher = open_teacher(cfg.teacher, student=self.student_path, seed=cfg.seed,
                                         resources=cfg.resources, on_state_change=self._on_teacher_state)
+            self._check_prompt_lengths("teacher", self.teacher.info().max_model_len)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
             self.set_status(RunStatus.STARTING)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
             self.learner = make_learner_actor(cfg, self.student_path)
             self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
-            drawn = 0
             ckpt = latest_checkpoint(self.out) if resume else None
             if ckpt is not None:
                 ray.get(self.learner.load_checkpoint.remote(str(ckpt)))
                 state = json.loads((ckpt / "driver_state.json").read_text())
-                self.step, drawn = state["step"], state["prompts_drawn"]
+                self.step = state["step"]
+                self.source.advance(state["prompts_drawn"])
                 push_weights(self.learner.weight_update.remote(), self.workers)
-            self.source = PromptSource(cfg.data, cfg.eval, cfg.seed, skip=drawn)
             self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=show_progress,
                                   start_step=self.step)
             if ckpt is not None:
                 self.log.message(f"resumed from {ckpt} at step {self.step}")
+            if self.source.skipped_long:
+                self.log.message(f"skipped {self.source.skipped_long} prompts longer than the student or teacher "
+                                 "accepts (data.skip_long_prompts=true)")
         except BaseException:
             self.close()
             raise
+
+    def _check_prompt_lengths(self, whose: str, max_len: int | None) -> None:
+        if max_len is None:
+            return
+        n = self.cfg.rollout.max_new_tokens
+        if max_len <= n:
+            raise ValueError(f"rollout.max_new_tokens={n} leaves no room for a prompt: the {whose} accepts "
+                             f"{max_len} tokens in all; lower rollout.max_new_tokens")
+        self.source.check_lengths(self.tokenizer, max_len - n,
+                                  f"the {whose}'s max length {max_len} minus rollout.max_new_tokens={n}")
 
     def _on_teacher_state(self, state: str) -> None:
         """The teacher client's circuit breaker opened (scoring paused) or closed again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -20,3 +21,12 @@ def require_model_dir(path: str | Path, role: str | None = None) -> Path:
             f"(config, weights, tokenizer){hint}"
         )
     return p.resolve()
+
+
+def model_max_len(model_path: str | Path) -> int | None:
+    """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
+    try:
+        value = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) else None

@@ -11,14 +11,43 @@ from typing import Any
 _ACTOR_CLASSES: dict[type, Any] = {}
 
 
+def ray_token_available() -> bool:
+    """Whether this process has a Ray auth token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or
+    ~/.ray/auth_token (where `ray start --head` and a local `ray.init()` keep it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
+
+
+def match_cluster_auth(address: str | None) -> None:
+    """Joining a cluster by explicit address, use token auth when we hold a token and nobody chose.
+
+    Ray 2.5x+ turns token auth on for `ray start --head` when a token exists, and for a cluster found
+    with address `auto`, but a client given an explicit address (RAY_ADDRESS) stays in mode
+    `disabled` and then fails every call with InvalidAuthToken. An explicit RAY_AUTH_MODE always wins."""
+    if address in (None, "", "local", "auto") or "RAY_AUTH_MODE" in os.environ or not ray_token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import; re-read it as Ray's own token set-up does
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+
+
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS if set, else start a local Ray instance."""
+    """Join the cluster in RAY_ADDRESS if set, else start a local Ray instance of our own (address
+    `local`: never a stale or unrelated cluster that `ray start` once recorded on this machine)."""
     import ray
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    match_cluster_auth(address)
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
+        address=address,
         include_dashboard=False,
         log_to_driver=os.environ.get("ONPOLICY_RAY_LOGS", "0") == "1",
         runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},

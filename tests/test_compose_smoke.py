@@ -3,9 +3,13 @@ the file, started as a local process on loopback (CI has no Docker engine).
 
 What is translated, and only this:
 - `${VAR:-default}` interpolation (defaults, plus ONPOLICY_TEACHER_BACKEND=hf: the transformers
-  backend starts faster than a second vLLM engine on 2 cores);
+  backend starts faster than a second vLLM engine on 2 cores), and the required secrets
+  (`${VAR:?...}`: RAY_AUTH_TOKEN, ONPOLICY_API_TOKENS, ONPOLICY_TEACHER_API_KEY) as fresh random
+  tokens, as .env.example tells users to make them;
 - every container port (from `ports:` and `--port`/`--dashboard-port` flags) gets a free host port,
   and `service:port` / `127.0.0.1:port` / `0.0.0.0` are rewritten to 127.0.0.1 and that port;
+- a service name listed in ONPOLICY_TEACHER_ALLOW_HOSTS becomes 127.0.0.1 (what it resolves to
+  here; in compose it is the container's private address, which is why it must be allowed);
 - each named volume's mount point (/models, /data, /db) becomes a temp dir;
 - `ray start` gets host-local flags that containers do not need (each has its own network
   namespace): node IP 127.0.0.1, a temp dir, and free ports for the client server and agents.
@@ -14,7 +18,10 @@ A reference to a port no service exposes fails the test, as it would fail the de
 Then: the init step builds the toy models; a Ray head, a second Ray node joined with the worker's
 `ray start --address`, the teacher service and the control API come up and pass their compose
 health checks; a 3-step toy run posted to the REST API finishes, and its rollout worker ran on the
-joined node (the head offers no CPUs, the run config asks one per rollout worker).
+joined node (the head offers no CPUs, the run config asks one per rollout worker). On the way, the
+secure defaults hold where a process can show them: Ray's job API and the control API refuse
+requests without their tokens, and the run reaches the teacher with the key it names by
+ONPOLICY_TEACHER_KEY_LOCAL.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.test_deploy_schemas import COMPOSE_FILE, interpolate
-from tests.test_ray_job import actors_of, free_port, kill_processes, local_env, short_tmp
+from tests.test_deploy_schemas import COMPOSE_FILE, fresh_secrets, interpolate
+from tests.test_ray_job import free_port, kill_processes, local_env, short_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +110,12 @@ class Translator:
         raw = self.services[name].get("environment") or {}
         if isinstance(raw, list):
             raw = dict(item.split("=", 1) for item in raw)
-        return local_env(**{k: self.text(name, "" if v is None else str(v)) for k, v in raw.items()})
+        env = {k: self.text(name, "" if v is None else str(v)) for k, v in raw.items()}
+        if "ONPOLICY_TEACHER_ALLOW_HOSTS" in env:
+            env["ONPOLICY_TEACHER_ALLOW_HOSTS"] = ",".join(
+                "127.0.0.1" if h.strip() in self.services else h
+                for h in env["ONPOLICY_TEACHER_ALLOW_HOSTS"].split(","))
+        return local_env(**env)
 
     def healthcheck(self, name: str) -> list[str] | None:
         test = (self.services[name].get("healthcheck") or {}).get("test")
@@ -114,8 +126,8 @@ class Translator:
 
 
 class Stack:
-    def __init__(self, tr: Translator, tmp: Path):
-        self.tr, self.tmp = tr, tmp
+    def __init__(self, tr: Translator, tmp: Path, secrets: dict[str, str]):
+        self.tr, self.tmp, self.secrets = tr, tmp, secrets  # secrets: the values compose interpolated
         self.procs: dict[str, subprocess.Popen] = {}
         self.ray_tmp = tmp / "ray"
         self.ray_tmp.mkdir()
@@ -182,9 +194,10 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack():
     tmp = short_tmp("ocs")
-    doc = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {"ONPOLICY_TEACHER_BACKEND": "hf"})
+    secrets = fresh_secrets()
+    doc = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {**secrets, "ONPOLICY_TEACHER_BACKEND": "hf"})
     tr = Translator(doc, tmp)
-    st = Stack(tr, tmp)
+    st = Stack(tr, tmp, secrets)
     try:
         init = subprocess.run(tr.command("toy-models"), check=False, cwd=REPO, env=tr.env("toy-models"),
                               capture_output=True, text=True, timeout=300)
@@ -203,25 +216,45 @@ def stack():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _node_ids(dashboard: str) -> tuple[str, list[str]]:
-    from ray.util.state import list_nodes
+def _state(ray: httpx.Client, resource: str, **filters: str) -> list[dict]:
+    """Ray's state API over HTTP (what `ray list ...` calls), with the cluster's token."""
+    params = {"limit": 1000, "detail": "true", "filter_keys": list(filters),
+              "filter_predicates": ["="] * len(filters), "filter_values": list(filters.values())}
+    r = ray.get(f"/api/v0/{resource}", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]["result"]["result"]
 
-    nodes = [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
-    head = [n.node_id for n in nodes if n.is_head_node]
-    return head[0], [n.node_id for n in nodes if not n.is_head_node]
+
+def _node_ids(ray: httpx.Client) -> tuple[str | None, list[str]]:
+    """(head node, other nodes) alive; the head can be missing while the dashboard starts up."""
+    nodes = [n for n in _state(ray, "nodes") if n["state"] == "ALIVE"]
+    head = [n["node_id"] for n in nodes if n["is_head_node"]]
+    return (head[0] if head else None), [n["node_id"] for n in nodes if not n["is_head_node"]]
 
 
 def test_toy_run_through_the_rest_api_runs_rollouts_on_the_joined_node(stack):
     tr = stack.tr
     dashboard = f"http://127.0.0.1:{tr.port('ray-head', 8265)}"
+    # Ray's job API (what `ray job submit` uses) runs nothing for a caller without the token.
+    assert httpx.get(f"{dashboard}/api/jobs/", timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer wrong"}
+    assert httpx.get(f"{dashboard}/api/jobs/", timeout=30, headers=wrong).status_code == 403
+    ray = httpx.Client(base_url=dashboard, timeout=30,
+                       headers={"Authorization": f"Bearer {stack.secrets['RAY_AUTH_TOKEN']}"})
+    # The teacher answers only with its key (the run below sends it as ONPOLICY_TEACHER_KEY_LOCAL).
+    teacher = f"http://127.0.0.1:{tr.port('teacher', 8100)}/v1/info"
+    assert httpx.get(teacher, timeout=30).status_code == 401
+    key = stack.secrets["ONPOLICY_TEACHER_API_KEY"]
+    assert httpx.get(teacher, timeout=30, headers={"Authorization": f"Bearer {key}"}).status_code == 200
     deadline = time.monotonic() + 120
     while True:  # the joined node registers with the head shortly after its health check
         assert stack.procs["ray-worker"].poll() is None, f"ray-worker exited:\n{stack.log('ray-worker')}"
-        head_id, workers = _node_ids(dashboard)
-        if workers or time.monotonic() > deadline:
+        head_id, workers = _node_ids(ray)
+        if (head_id and workers) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert len(workers) == 1, f"expected the joined ray-worker node, got {workers}\n{stack.log('ray-worker')}"
+    assert head_id and len(workers) == 1, \
+        f"expected the head and the joined ray-worker node: {head_id}, {workers}\n{stack.log('ray-worker')}"
 
     # The run config users POST in compose (deploy/toy-service.yaml), as the containers would see it.
     cfg = yaml.safe_load((REPO / "deploy" / "toy-service.yaml").read_text())
@@ -232,7 +265,9 @@ def test_toy_run_through_the_rest_api_runs_rollouts_on_the_joined_node(stack):
     cfg["eval"] = {"every": 0, "num_prompts": 16, "ood_num_prompts": 8}
     cfg["checkpoint"] = {"every": 0, "keep": 1}
     base = f"http://127.0.0.1:{tr.port('control', 8000)}"
-    with httpx.Client(base_url=base, timeout=30) as http:
+    assert httpx.get(f"{base}/v1/runs", timeout=30).status_code == 401  # the API wants its token too
+    token = stack.secrets["ONPOLICY_API_TOKENS"]
+    with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {token}"}) as http:
         r = http.post("/v1/runs", json={"config": cfg})
         assert r.status_code == 201, r.text
         run_id = r.json()["id"]
@@ -249,17 +284,20 @@ def test_toy_run_through_the_rest_api_runs_rollouts_on_the_joined_node(stack):
     # output landed in the `runs` volume (mounted at /data in the containers)
     assert Path(view["output_dir"]).is_relative_to(Path(tr.paths["/data"]))
 
-    rollout = actors_of(dashboard, "RolloutWorker")
+    rollout = _state(ray, "actors", class_name="RolloutWorker")
     assert len(rollout) == 1, rollout
     assert rollout[0]["node_id"] == workers[0] != head_id, (rollout, head_id, workers)
+    ray.close()
 
 
 def test_translation_fails_on_a_port_no_service_exposes(tmp_path):
     """A wrong address in the file (here RAY_ADDRESS=ray-head:6380) fails before anything starts."""
-    doc = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()))
+    doc = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), fresh_secrets())
     doc["services"]["control"]["environment"]["RAY_ADDRESS"] = "ray-head:6380"
     with pytest.raises(AssertionError, match="port 6380 of service 'ray-head'"):
         Translator(doc, tmp_path).env("control")
     doc["services"]["control"]["environment"]["RAY_ADDRESS"] = "ray-head:6379"
     env = Translator(doc, tmp_path).env("control")
     assert env["RAY_ADDRESS"].startswith("127.0.0.1:") and env["ONPOLICY_CONTROL_DATA"].startswith(str(tmp_path))
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["ONPOLICY_TEACHER_ALLOW_HOSTS"].split(",")[:2] == ["127.0.0.1", "127.0.0.1"]  # teacher, teacher-gpu

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import tempfile
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,8 +27,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def make(tmp_path, **kw):
     launcher = kw.pop("launcher", None) or InMemoryLauncher()
+    # Teachers on loopback (the scripted fakes) are allowed; model folders anywhere under /tmp (the fixtures').
     settings = Settings(data_dir=str(tmp_path), launcher=launcher, scheduler_interval_s=0,
-                        api_tokens=kw.pop("tokens", [TOKEN]), **kw)
+                        api_tokens=kw.pop("tokens", [TOKEN]), teacher_allow_hosts=["127.0.0.1"],
+                        models_roots=[tempfile.gettempdir()], **kw)
     app = create_app(settings)
     return app, launcher
 

@@ -95,7 +95,7 @@ class Api:
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.control", "--port", str(self.port), "--data-dir",
-                 str(self.data_dir), "--log-level", "warning"],
+                 str(self.data_dir), "--models-root", tempfile.gettempdir(), "--log-level", "warning"],
                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_healthy(f"{self.url}/healthz", timeout=60, proc=self.proc)
         return self

@@ -218,7 +218,7 @@ class Learner:
         loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[self.cfg.model.dtype])
         self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
         del loaded
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # tensors and plain data only
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])

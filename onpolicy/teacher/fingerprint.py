@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from onpolicy.model_dir import model_max_len
 from onpolicy.types import TeacherInfo
 
 
@@ -58,16 +59,6 @@ def eos_token_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
         if extra is not None:
             ids.update(int(i) for i in (extra if isinstance(extra, list) else [extra]))
     return sorted(ids)
-
-
-def model_max_len(model_path: str | Path) -> int | None:
-    """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
-    cfg = Path(model_path) / "config.json"
-    try:
-        value = json.loads(cfg.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        return None
-    return int(value) if isinstance(value, int) else None
 
 
 def describe_model(model_path: str | Path, *, max_top_k: int = 0, name: str | None = None,

@@ -23,6 +23,7 @@ their clock and random source as arguments, so tests drive them without sockets 
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import random
 import threading
@@ -33,18 +34,29 @@ from typing import Any, Literal
 import httpx
 
 BreakerState = Literal["closed", "open", "half_open"]
+log = logging.getLogger(__name__)
 
 
 class TeacherError(RuntimeError):
     """Base class of remote-teacher failures."""
 
 
+def status_text(status: int) -> str:
+    """`HTTP 400 Bad Request`: what we say about an upstream error. Never the upstream body: an error
+    message can travel to an API client (a check report, a run's reason), and the body is whatever the
+    URL's owner chose to put there."""
+    return f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
+
+
 class TeacherRequestError(TeacherError):
-    """The teacher rejected the request (a 4xx other than 429): fix the request, do not retry."""
+    """The teacher rejected the request (a 4xx other than 429): fix the request, do not retry.
+
+    `body` keeps the answer for the adapters that parse it (and for the local log); the message does
+    not carry it."""
 
     def __init__(self, url: str, status: int, body: str) -> None:
         self.url, self.status, self.body = url, status, body
-        super().__init__(f"teacher {url} rejected the request with HTTP {status}: {body[:2000]}")
+        super().__init__(f"teacher {url} rejected the request with {status_text(status)}")
 
 
 class TeacherUnavailable(TeacherError):
@@ -330,13 +342,16 @@ class RobustClient:
                         return resp.json()
                     except ValueError:
                         raise TeacherResponseError(
-                            f"teacher {self.base_url}{path} returned a body that is not JSON: {resp.text[:500]!r}"
+                            f"teacher {self.base_url}{path} returned a body that is not JSON "
+                            f"({len(resp.content)} bytes, content-type {resp.headers.get('content-type')!r})"
                         ) from None
                 if resp.status_code != 429 and resp.status_code < 500:
                     # The server is alive and says our request is wrong: not a breaker failure.
                     self.breaker.record_success()
+                    log.warning("teacher %s%s: %s: %s", self.base_url, path, status_text(resp.status_code),
+                                resp.text[:500])
                     raise TeacherRequestError(f"{self.base_url}{path}", resp.status_code, resp.text)
-                last_error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                last_error = status_text(resp.status_code)
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
                 busy = resp.status_code == 429
             self.usage.add(failures=1)

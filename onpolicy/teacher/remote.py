@@ -42,8 +42,10 @@ def validate_scores(
     scores: Sequence[TeacherScores],
     top_k: int,
     offset: int = 0,
+    vocab_size: int | None = None,
 ) -> None:
-    """Raise `TeacherResponseError` unless `scores` fit `items` (lengths, finiteness, top-k).
+    """Raise `TeacherResponseError` unless `scores` fit `items` (lengths, finiteness, top-k, and top-k
+    token ids inside `[0, vocab_size)` when the vocabulary size is known).
 
     `offset` is added to sequence numbers in messages (the index of this chunk's first item).
     """
@@ -75,6 +77,12 @@ def validate_scores(
                 if any(not math.isfinite(v) or v > _LOGPROB_SLACK for _, v in row):
                     raise TeacherResponseError(
                         f"{source}: sequence {seq}, position {t}: top-k has a non-finite or positive log-prob"
+                    )
+                if vocab_size is not None and any(not 0 <= tok < vocab_size for tok, _ in row):
+                    bad = next(tok for tok, _ in row if not 0 <= tok < vocab_size)
+                    raise TeacherResponseError(
+                        f"{source}: sequence {seq}, position {t}: top-k token id {bad} is outside the "
+                        f"vocabulary [0, {vocab_size})"
                     )
 
 
@@ -118,6 +126,10 @@ class RemoteTeacher:
     def info(self) -> TeacherInfo:
         raise NotImplementedError
 
+    def known_vocab_size(self) -> int | None:
+        """The vocabulary size if this teacher has already said it (no request is made for it)."""
+        return self._info.vocab_size if self._info is not None and self._info.vocab_size > 0 else None
+
     def describe(self) -> str:
         """The served model's name (what a reachability check reports)."""
         return self.info().model
@@ -150,7 +162,7 @@ class RemoteTeacher:
         def run(chunk: tuple[int, list[ScoreRequestItem]]) -> list[TeacherScores]:
             start, part = chunk
             out = self._score_chunk(part, top_k, start)
-            validate_scores(self.source, part, out, top_k, offset=start)
+            validate_scores(self.source, part, out, top_k, offset=start, vocab_size=self.known_vocab_size())
             self.client.usage.add(tokens_scored=sum(len(it.completion_ids) for it in part))
             return out
 

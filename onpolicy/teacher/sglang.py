@@ -37,7 +37,7 @@ class SGLangTeacher(RemoteTeacher):
         if self._info is None:
             body = self.client.get_json("/get_model_info")
             if not isinstance(body, dict) or "model_path" not in body:
-                raise self._bad(f"GET /get_model_info has no model_path: {str(body)[:300]}")
+                raise self._bad("GET /get_model_info has no model_path")
             self._info = TeacherInfo(
                 model=str(body["model_path"]),
                 vocab_size=0,

@@ -78,7 +78,7 @@ class VLLMServerTeacher(RemoteTeacher):
             body = self.client.get_json("/v1/models")
             data = body.get("data") if isinstance(body, dict) else None
             if not data or "id" not in data[0]:
-                raise self._bad(f"GET /v1/models lists no model: {str(body)[:300]}")
+                raise self._bad("GET /v1/models lists no model")
             self._model = str(data[0]["id"])
         return self._model
 
@@ -88,7 +88,7 @@ class VLLMServerTeacher(RemoteTeacher):
             {"model": self.model_name(), "prompt": text, "add_special_tokens": add_special_tokens},
         )
         if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
-            raise self._bad(f"POST /tokenize returned no tokens: {str(body)[:300]}")
+            raise self._bad("POST /tokenize returned no tokens")
         return [int(t) for t in body["tokens"]]
 
     def _complete(self, prompt: list[int], **extra: Any) -> dict[str, Any]:
@@ -141,6 +141,9 @@ class VLLMServerTeacher(RemoteTeacher):
 
     def describe(self) -> str:
         return self.model_name()
+
+    def known_vocab_size(self) -> int | None:
+        return self._vocab_size
 
     def compatibility(self, student_path: str | Path) -> list[CheckResult]:
         return compare_by_probes(self, str(student_path))

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from services.body_limit import BodyLimit
 from services.control.auth import make_auth_dependency
 from services.control.core import ApiError, Control
 from services.control.settings import Settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   "teachers; fetch the distilled student. Bearer token on every endpoint but /healthz.",
                   dependencies=[Depends(make_auth_dependency(settings.api_tokens))])
     app.state.control = control
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):

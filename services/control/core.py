@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from onpolicy.config import RunConfig, config_error_items
 from onpolicy.status import ACTIVE, RESUMABLE, TERMINAL, RunStatus
 from services.control.db import RunRecord, Store, new_id
 from services.control.launcher import Launcher, RayLauncher
+from services.control.policy import PolicyError
 from services.control.scheduler import Scheduler
 from services.control.schemas import RunView, StatusChange, TeacherRef
 from services.control.settings import Settings
@@ -35,14 +38,36 @@ def config_errors(err: ValidationError, prefix: tuple[str, ...] = ("body", "conf
             for e in config_error_items(err)]
 
 
+@contextmanager
+def policy_errors(prefix: tuple[str, ...]) -> Iterator[None]:
+    """A `PolicyError` as a 422 in the same shape as a config error (path, loc, msg, type)."""
+    try:
+        yield
+    except PolicyError as err:
+        raise ApiError(422, [{"path": err.field, "loc": [*prefix, *err.field.split(".")], "msg": str(err),
+                              "type": "policy"}]) from None
+
+
 class Control:
     """Settings, the store, the launcher and the scheduler of one API process."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.policy = settings.policy()
         self.store = Store(settings.db_url)
         self.launcher: Launcher = settings.launcher or RayLauncher(settings.ray_address)
         self.scheduler = Scheduler(self.store, self.launcher, settings.max_concurrent_runs)
+
+    def apply_policy(self, cfg: RunConfig) -> None:
+        """Confine the run's paths to the server's roots and check its teacher URL and key name (in place)."""
+        p = self.policy
+        p.check_key_env(cfg.teacher.api_key_env, "teacher.api_key_env")
+        cfg.model.student = p.confine(cfg.model.student, p.models_roots, "model.student", "models")
+        cfg.teacher.model = p.confine(cfg.teacher.model, p.models_roots, "teacher.model", "models")
+        if cfg.data.prompts_path is not None:
+            cfg.data.prompts_path = p.confine(cfg.data.prompts_path, p.data_roots, "data.prompts_path", "data")
+        if cfg.teacher.url is not None:
+            cfg.teacher.url = p.check_teacher_url(cfg.teacher.url, "teacher.url")
 
     # ---- runs ------------------------------------------------------------------------------
     def get(self, run_id: str, refresh: bool = True) -> RunRecord:
@@ -71,6 +96,8 @@ class Control:
             cfg = RunConfig.model_validate(data)
         except ValidationError as err:
             raise ApiError(422, config_errors(err)) from None
+        with policy_errors(prefix=("body", "config")):
+            self.apply_policy(cfg)
         now = time.time()
         rec = RunRecord(id=run_id, name=cfg.name, status=RunStatus.QUEUED, reason="queued: waiting for the scheduler",
                         step=0, config_json=json.dumps(cfg.model_dump(mode="json")), output_dir=str(out),

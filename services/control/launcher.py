@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from onpolicy.config import RunConfig
+from onpolicy.ray_utils import match_cluster_auth
 from onpolicy.status import RunStatus, write_status
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RayLauncher:
             if not self._connected:
                 if ray.is_initialized():
                     ray.shutdown()
+                match_cluster_auth(self.address)
                 try:
                     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
                     ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import StreamingResponse
@@ -178,5 +180,12 @@ def download_student(run_id: str, request: Request):
                 yield data
 
     return StreamingResponse(chunks(), media_type="application/gzip",
-                             headers={"Content-Disposition": f'attachment; filename="{rec.name}-student.tar.gz"'})
+                             headers={"Content-Disposition": content_disposition(f"{rec.name}-student.tar.gz")})
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with an ASCII fallback name and the exact UTF-8 name (RFC 6266 / 5987): a run name is
+    any text, and HTTP headers are Latin-1."""
+    ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "_", filename).strip("_") or "student.tar.gz"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 

@@ -10,7 +10,7 @@ import httpx
 from fastapi import APIRouter, Request
 
 from onpolicy.teacher.factory import REMOTE_KINDS
-from services.control.core import ApiError, Control
+from services.control.core import ApiError, Control, policy_errors
 from services.control.db import TeacherRecord, new_id
 from services.control.routes_runs import ERRORS
 from services.control.schemas import AttachTeacher, CheckItemView, TeacherList, TeacherView
@@ -23,15 +23,17 @@ def _control(request: Request) -> Control:
 
 
 def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: float = 10.0) -> dict:
-    """Without a student folder, only check that the teacher answers its dialect's info endpoint."""
+    """Without a student folder, only check that the teacher answers its dialect's info endpoint.
+    Only the status code is reported: an upstream body never goes back to the API client."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    target = url.rstrip("/") + REMOTE_KINDS[kind].info_path
+    base = httpx.URL(url)
+    target = base.copy_with(path=base.path.rstrip("/") + REMOTE_KINDS[kind].info_path)
     try:
-        r = httpx.get(target, headers=headers, timeout=timeout_s)
+        r = httpx.get(target, headers=headers, timeout=timeout_s, follow_redirects=False)
         ok = r.status_code == 200
         msg = f"GET {target} -> HTTP {r.status_code}" + ("" if ok else " (is the URL, kind and API key right?)")
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as err:  # an unusable URL is a failed check
-        ok, msg = False, f"cannot reach {target}: {type(err).__name__}: {err}"
+        ok, msg = False, f"cannot reach {target}: {type(err).__name__}"
     items = [{"name": "reachable", "status": "pass" if ok else "fail", "message": msg},
              {"name": "tokenizer", "status": "skip", "message": "not checked: attach with `student` to compare"}]
     text = "\n".join([f"teacher {url} (kind={kind})", *(f"  [{i['status'].upper()}] {i['name']}: {i['message']}"
@@ -48,7 +50,7 @@ def run_check(body: AttachTeacher) -> dict:
     try:
         report = check_teacher(body.url, body.kind, body.student, api_key=api_key, timeout_s=15.0)
     except Exception as err:  # noqa: BLE001 -- a check that cannot run is a failed check, not a 500
-        msg = f"the check could not run: {type(err).__name__}: {err}"
+        msg = f"the check could not run: {type(err).__name__}"
         return {"ok": False, "items": [{"name": "check", "status": "fail", "message": msg}], "text": msg}
     return {"ok": report.ok, "items": [i.model_dump() for i in report.items], "text": report.render()}
 
@@ -63,6 +65,13 @@ def teacher_view(t: TeacherRecord) -> TeacherView:
 @router.post("", status_code=201, response_model=TeacherView, responses=ERRORS,
              summary="Attach an external teacher: runs the compatibility check and stores the result")
 def attach_teacher(body: AttachTeacher, request: Request) -> TeacherView:
+    control = _control(request)
+    p = control.policy
+    with policy_errors(prefix=("body",)):
+        p.check_key_env(body.api_key_env, "api_key_env")
+        body.url = p.check_teacher_url(body.url, "url")
+        if body.student is not None:
+            body.student = p.confine(body.student, p.models_roots, "student", "models")
     report = run_check(body)
     rec = TeacherRecord(id=new_id(), url=body.url, kind=body.kind, api_key_env=body.api_key_env,
                         student=body.student, ok=int(report["ok"]), report_json=json.dumps(report),

@@ -11,6 +11,9 @@ def serve_control(
     database_url: str | None = None,
     ray_address: str | None = None,
     max_concurrent_runs: int | None = None,
+    models_roots: list[str] | None = None,
+    data_roots: list[str] | None = None,
+    insecure_no_auth: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve the control plane. Unset arguments come from the environment (see Settings.from_env):
@@ -20,7 +23,11 @@ def serve_control(
 
     from services.control.app import create_app
     from services.control.settings import Settings
+    from services.listen import check_listen
 
     settings = Settings.from_env(data_dir=data_dir, database_url=database_url, ray_address=ray_address,
-                                 max_concurrent_runs=max_concurrent_runs)
+                                 max_concurrent_runs=max_concurrent_runs, models_roots=models_roots,
+                                 data_roots=data_roots)
+    check_listen(host, bool(settings.api_tokens), insecure_no_auth, what="control API",
+                 token_hint="ONPOLICY_API_TOKENS (or ONPOLICY_API_TOKENS_FILE)")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)

@@ -18,6 +18,10 @@ def load_tokens(env: dict[str, str] | None = None) -> list[str]:
     return [t for t in tokens if t and not t.startswith("#")]
 
 
+def _split(value: str, sep: str) -> list[str]:
+    return [p.strip() for p in value.split(sep) if p.strip()]
+
+
 @dataclass
 class Settings:
     data_dir: str = "control-data"
@@ -33,6 +37,27 @@ class Settings:
     """How often the background loop refreshes active runs and starts queued ones (0: no loop)."""
     launcher: Any = None
     """A `Launcher`; None: the Ray launcher. Tests inject `InMemoryLauncher`."""
+    models_roots: list[str] = field(default_factory=list)
+    """Model folders a REST client may name live under these (empty: the API's working directory)."""
+    data_roots: list[str] = field(default_factory=list)
+    """Data files (data.prompts_path) a REST client may name live under these (empty: the working directory)."""
+    teacher_allow_hosts: list[str] = field(default_factory=list)
+    """Teacher hosts (names or CIDRs) allowed although they resolve to loopback/private addresses."""
+    allowed_key_envs: list[str] = field(default_factory=list)
+    """Environment variables a run may name as teacher.api_key_env besides ONPOLICY_TEACHER_KEY_*."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body the API reads (413 above)."""
+
+    def policy(self):
+        from services.control.policy import Policy
+
+        cwd = [Path.cwd()]
+        return Policy(
+            models_roots=[Path(p) for p in self.models_roots] or cwd,
+            data_roots=[Path(p) for p in self.data_roots] or cwd,
+            allow_hosts=list(self.teacher_allow_hosts),
+            allowed_key_envs=list(self.allowed_key_envs),
+        )
 
     @property
     def runs_root(self) -> Path:
@@ -53,6 +78,10 @@ class Settings:
             api_tokens=load_tokens(),
             max_concurrent_runs=int(env.get("ONPOLICY_MAX_CONCURRENT_RUNS", "2")),
             ray_address=env.get("RAY_ADDRESS") or None,
+            models_roots=_split(env.get("ONPOLICY_MODELS_ROOTS", ""), os.pathsep),
+            data_roots=_split(env.get("ONPOLICY_DATA_ROOTS", ""), os.pathsep),
+            teacher_allow_hosts=_split(env.get("ONPOLICY_TEACHER_ALLOW_HOSTS", ""), ","),
+            allowed_key_envs=_split(env.get("ONPOLICY_ALLOWED_KEY_ENVS", ""), ","),
         )
         for key, value in overrides.items():
             if value is not None:

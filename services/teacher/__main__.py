@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -16,12 +17,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key-env",
         default="ONPOLICY_TEACHER_API_KEY",
-        help="environment variable holding the bearer token (unset: no auth)",
+        help="environment variable holding the bearer token (unset: no auth, allowed on loopback only)",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve without a token on a non-loopback --host (anyone who reaches it can use the teacher)",
     )
     p.add_argument("--max-sequences", type=int, default=256, help="per request")
     p.add_argument("--max-tokens-per-sequence", type=int, default=4096)
     p.add_argument("--max-batch-sequences", type=int, default=512, help="per merged engine call")
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most sequences waiting for the engine; beyond it requests get 429 + Retry-After "
+        "(default: 2 x --max-batch-sequences, at least --max-sequences)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="largest request body; beyond it 413 (default: 8 MiB, or more if --max-sequences x "
+        "--max-tokens-per-sequence ids need it)",
+    )
     p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--log-level", default="info")
@@ -38,11 +58,14 @@ def serve_from_args(args: argparse.Namespace) -> None:
         backend=args.backend,
         dtype=args.dtype,
         api_key_env=args.api_key_env or None,
+        insecure_no_auth=args.insecure_no_auth,
         model_name=args.model_name,
         max_sequences=args.max_sequences,
         max_tokens_per_sequence=args.max_tokens_per_sequence,
         max_batch_sequences=args.max_batch_sequences,
         batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
         kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len,
         log_level=args.log_level,
@@ -51,7 +74,15 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.teacher", description="Serve a teacher model for scoring.")
-    serve_from_args(add_serve_arguments(p).parse_args(argv))
+    args = add_serve_arguments(p).parse_args(argv)
+    try:
+        serve_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        # As `onpolicy serve teacher` does: bad input (a refused listen address, a missing model
+        # folder) is one line and exit 2; ONPOLICY_DEBUG=1 shows the traceback.
+        if os.environ.get("ONPOLICY_DEBUG") == "1":
+            raise
+        p.exit(2, f"{p.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -11,30 +11,139 @@ Endpoints (wire types from `onpolicy.types`):
 
 With `api_key` set, every endpoint but `/healthz` needs `Authorization: Bearer <key>`; the key
 is compared in constant time and never logged. Requests are checked against the limits before
-they reach the queue, so a bad request fails alone and fast: too many sequences or a sequence
-too long -> 413, `top_k` above the teacher's maximum or a token id outside the vocabulary -> 422.
-Engine failures -> 500 with a one-line message (the stack goes to the server log only).
+they reach the queue, so a bad request fails alone and fast: a body over `max_body_bytes`, too
+many sequences or a sequence too long -> 413, `top_k` above the teacher's maximum or a token id
+outside the vocabulary -> 422. The teacher raising `ValueError` about a request's content -> 422;
+other engine failures -> 500; both with a one-line message (the stack goes to the server log only).
+
+Overload is never a 5xx: when the queue (bounded in sequences, see `batcher.py`) has no room,
+the answer is 429 with `Retry-After` (seconds), which our client honours. A request whose client
+disconnected while it waited is dropped before the engine sees it
+(`teacher_requests_dropped_total`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import ValidationError
+from starlette.types import Receive
 
 from onpolicy.protocols import Teacher
 from onpolicy.types import ScoreRequest, ScoreResponse, ScoreUsage, TeacherInfo, check_top_k
-from services.teacher.batcher import ScoreBatcher
+from services.body_limit import BodyLimit
+from services.teacher.batcher import QueueFull, ScoreBatcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OPEN_PATHS = frozenset({"/healthz"})
 KNOWN_PATHS = frozenset({"/v1/score", "/v1/info", "/healthz", "/metrics"})
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+# JSON bytes budgeted per token id (up to 6 digits plus ", ", json.dumps' default separator) and
+# per sequence (its keys and brackets), so the default body limit never refuses a request that
+# the sequence and token limits allow.
+_BYTES_PER_ID = 8
+_BYTES_PER_SEQUENCE = 64
+# Not an official status: nginx's "client closed request", for the request log and metrics only
+# (nobody is left to read it).
+CLIENT_CLOSED = 499
+
+SCORE_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "Body, sequence count or a sequence over the server's limits (named in the detail)"},
+    422: {"description": "Invalid request: top_k, a token id, or content the teacher refused"},
+    429: {"description": "Queue full: retry after the `Retry-After` header's seconds"},
+}
+
+
+def queue_bound(max_queue: int | None, max_sequences: int, max_batch_sequences: int) -> int:
+    """The queue bound in sequences: `max_queue`, or by default two full engine batches.
+
+    Two batches keep the engine busy back to back (one gathers while one runs); a longer line
+    adds waiting and memory, not throughput, so past it clients get 429 and come back later.
+    Never below `max_sequences`, or a largest valid request could never be queued.
+    """
+    if max_queue is None:
+        return max(2 * max_batch_sequences, max_sequences)
+    if max_queue < max_sequences:
+        raise ValueError(
+            f"max_queue={max_queue} sequences is below max_sequences={max_sequences}: a request of "
+            f"{max_sequences} sequences could never be queued; raise --max-queue or lower --max-sequences"
+        )
+    return max_queue
+
+
+def body_limit(max_body_bytes: int | None, max_sequences: int, max_tokens_per_sequence: int) -> int:
+    """The request body limit in bytes: `max_body_bytes`, or by default 8 MiB, raised to what
+    `max_sequences` sequences of `max_tokens_per_sequence` ids need as JSON."""
+    need = max_sequences * (max_tokens_per_sequence * _BYTES_PER_ID + _BYTES_PER_SEQUENCE) + 1024
+    if max_body_bytes is None:
+        return max(DEFAULT_MAX_BODY_BYTES, need)
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_body_bytes < need:
+        log.warning(
+            "max_body_bytes=%d is below the ~%d bytes that %d sequences of %d tokens take as JSON: "
+            "requests that large will get 413", max_body_bytes, need, max_sequences, max_tokens_per_sequence,
+        )
+    return max_body_bytes
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request was answered."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """Await `work`; if the client disconnects first, cancel it and raise `_ClientGone`.
+
+    The server does not cancel a handler whose client went away: it only answers the next
+    `receive()` with `http.disconnect` (the body has been read, so nothing else can come), so a
+    watcher waits on that while the request waits for the engine.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    # A watcher that failed (not a disconnect) says nothing about the client: keep waiting.
+    if task not in done and watcher.exception() is None:
+        task.cancel()  # the batcher drops the request if the engine has not taken it yet
+        raise _ClientGone
+    return await task
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:500]}"
+
+
+def _busy(detail: str, retry_after_s: int) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=429, headers={"Retry-After": str(retry_after_s)})
 
 
 class _Metrics:
@@ -58,6 +167,12 @@ class _Metrics:
             registry=r,
         )
         self.engine_seconds = Histogram("teacher_engine_seconds", "Duration of one engine call", registry=r)
+        self.dropped = Counter(
+            "teacher_requests_dropped",
+            "Requests dropped before scoring because their client disconnected",
+            registry=r,
+        )
+        self.queued = Gauge("teacher_queue_sequences", "Sequences waiting for the engine", registry=r)
         self.latency = Histogram(
             "teacher_request_seconds", "Request latency by endpoint", ["endpoint"], registry=r
         )
@@ -104,16 +219,25 @@ def create_app(
     max_tokens_per_sequence: int = 4096,
     max_batch_sequences: int = 512,
     batch_wait_ms: float = 2.0,
+    max_queue: int | None = None,
+    max_body_bytes: int | None = None,
 ) -> FastAPI:
-    """The scoring app over `teacher`; `model_name` is what `/v1/info` and responses report."""
+    """The scoring app over `teacher`; `model_name` is what `/v1/info` and responses report.
+
+    `max_queue` (sequences waiting for the engine) and `max_body_bytes` default as `queue_bound`
+    and `body_limit` say.
+    """
     info = teacher.info().model_copy(update={"model": model_name})
     metrics = _Metrics()
     batcher = ScoreBatcher(
         teacher,
         max_batch_sequences=max_batch_sequences,
         batch_wait_ms=batch_wait_ms,
+        max_queue=queue_bound(max_queue, max_sequences, max_batch_sequences),
         on_batch=metrics.on_batch,
+        on_dropped=metrics.dropped.inc,
     )
+    metrics.queued.set_function(lambda: batcher.queued_sequences)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @asynccontextmanager
@@ -127,6 +251,10 @@ def create_app(
     app.state.batcher = batcher
     app.state.metrics = metrics
     app.state.info = info
+    # Added first, so it runs inside `auth_and_count`: no body is read before the token is
+    # checked, and its 413s are counted.
+    max_bytes = body_limit(max_body_bytes, max_sequences, max_tokens_per_sequence)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, raise_with="--max-body-bytes")
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
@@ -143,7 +271,13 @@ def create_app(
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        response = await call_next(request)
+        if path == "/v1/score" and batcher.is_full():
+            # No room for even one sequence: say so before reading and parsing the body.
+            wait_s = batcher.retry_after_s()
+            full = f"the teacher's queue is full ({batcher.max_queue} sequences)"
+            response = _busy(f"server busy: {full}; retry in {wait_s} s", wait_s)
+        else:
+            response = await call_next(request)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
@@ -156,15 +290,25 @@ def create_app(
     async def get_info() -> TeacherInfo:
         return info
 
-    @app.post("/v1/score", response_model=ScoreResponse)
-    async def score(req: ScoreRequest) -> ScoreResponse:
+    @app.post("/v1/score", response_model=ScoreResponse, responses=SCORE_ERRORS)
+    async def score(req: ScoreRequest, request: Request) -> Any:
         _check_request(req, info, max_sequences, max_tokens_per_sequence)
         try:
-            scores = await batcher.score(req.sequences, req.top_k)
+            scores = await _unless_disconnected(batcher.score(req.sequences, req.top_k), request.receive)
+        except QueueFull as full:
+            return _busy(str(full), full.retry_after_s)
+        except _ClientGone:
+            log.info("client went away before its %d sequences were answered", len(req.sequences))
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
+            # A ValueError is the teacher refusing this request's content (a prompt too long for
+            # the engine, ...): the caller must change it, and a 4xx tells our client not to
+            # retry. A pydantic ValidationError is a ValueError too, but from the engine's output.
+            if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
+                log.warning("teacher refused %d sequences: %s", len(req.sequences), _one_line(exc))
+                raise HTTPException(422, f"teacher refused the request: {_one_line(exc)}") from None
             log.exception("scoring %d sequences failed", len(req.sequences))
-            first_line = (str(exc).splitlines() or [""])[0][:500]
-            raise HTTPException(500, f"teacher engine failed: {type(exc).__name__}: {first_line}") from None
+            raise HTTPException(500, f"teacher engine failed: {_one_line(exc)}") from None
         tokens = sum(len(s.completion_ids) for s in req.sequences)
         metrics.sequences.inc(len(req.sequences))
         metrics.tokens.inc(tokens)

@@ -14,7 +14,13 @@ How it works:
 - The flat result list is cut back into each request's slice, in order, and set on its future.
 - If a merged call fails and it held several requests, each request is retried alone, so one
   bad request fails only itself. Requests whose caller went away (cancelled future) are dropped
-  before the engine call.
+  before the engine call, and counted (`on_dropped`).
+- The queue is bounded in sequences (`max_queue`), not requests: memory and waiting time grow
+  with sequences, and one request may carry 1 or hundreds. A request that does not fit gets
+  `QueueFull` at once (the app answers 429 + Retry-After) instead of waiting in an ever longer
+  line. A request counts against the bound from the moment it is queued until the engine task
+  takes it into a batch, cancelled or not, so the memory held by queued requests stays bounded
+  even when clients disconnect faster than the engine drains the queue.
 
 Under light load a request waits at most `batch_wait_ms` extra; under heavy load requests pile
 up while the engine is busy and the next batch takes them all at once, which is where merging
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +44,34 @@ log = logging.getLogger(__name__)
 
 # on_batch(number of sequences, completion tokens, engine seconds) after each engine call.
 BatchHook = Callable[[int, int, float], None]
+# on_dropped(number of requests) when requests whose caller went away are skipped.
+DropHook = Callable[[int], None]
+
+# Weight of the newest engine call in the running mean behind Retry-After: recent calls matter
+# most (load changes), but one outlier should not swing the estimate.
+_EWMA_WEIGHT = 0.2
+MAX_RETRY_AFTER_S = 60
+
+
+class QueueFull(Exception):
+    """The queue has no room for this request now; retry after `retry_after_s` seconds."""
+
+    def __init__(self, queued: int, wanted: int, max_queue: int, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"server busy: {queued} sequences already wait for the teacher engine (bound {max_queue}), "
+            f"no room for {wanted} more; retry in {retry_after_s} s"
+        )
+
+
+def estimate_retry_after_s(queued: int, max_batch_sequences: int, mean_call_s: float | None) -> int:
+    """Whole seconds until the queue has likely drained: the running call plus one call per
+    `max_batch_sequences` queued, at the recent mean call time; 1 before any call, at most
+    `MAX_RETRY_AFTER_S` (a client should come back and look, not go away for minutes)."""
+    if mean_call_s is None:
+        return 1
+    calls = 1 + math.ceil(queued / max_batch_sequences)
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(calls * mean_call_s)))
 
 
 @dataclass
@@ -55,16 +90,26 @@ class ScoreBatcher:
         *,
         max_batch_sequences: int = 512,
         batch_wait_ms: float = 2.0,
+        max_queue: int | None = None,
         on_batch: BatchHook | None = None,
+        on_dropped: DropHook | None = None,
     ) -> None:
+        """`max_queue`: most sequences waiting for the engine (None: unbounded, for library use;
+        the service always sets it, see `app.queue_bound`)."""
         if max_batch_sequences < 1:
             raise ValueError(f"max_batch_sequences must be >= 1, got {max_batch_sequences}")
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 sequence, got {max_queue}")
         self.teacher = teacher
         self.max_batch_sequences = max_batch_sequences
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_dropped = on_dropped
+        self.queued_sequences = 0  # in the queue or held, not yet in a batch
+        self.mean_call_s: float | None = None  # running mean of engine call time (Retry-After)
         # One thread: the engine sees one caller, always the same one.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="teacher-engine")
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -82,6 +127,7 @@ class ScoreBatcher:
         self._loop = loop
         self._queue = asyncio.Queue()
         self._held = None
+        self.queued_sequences = 0  # a new queue: what the old loop queued is gone with it
         self._task = loop.create_task(self._run(), name="teacher-score-batcher")
 
     async def stop(self) -> None:
@@ -97,6 +143,7 @@ class ScoreBatcher:
         self._held = None
         while self._queue is not None and not self._queue.empty():
             pending.append(self._queue.get_nowait())
+        self.queued_sequences = 0
         for p in pending:
             if not p.future.done():
                 p.future.cancel()
@@ -106,15 +153,36 @@ class ScoreBatcher:
 
     # -- the API handlers use -------------------------------------------------------------------
 
+    def is_full(self) -> bool:
+        """No request, however small, fits in the queue now."""
+        return self.max_queue is not None and self.queued_sequences >= self.max_queue
+
+    def retry_after_s(self) -> int:
+        return estimate_retry_after_s(self.queued_sequences, self.max_batch_sequences, self.mean_call_s)
+
     async def score(self, items: list[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-        """Scores of `items`, computed in a merged engine call with other waiting requests."""
+        """Scores of `items`, computed in a merged engine call with other waiting requests.
+
+        Raises `QueueFull` at once if the queue has no room for `items`. Cancelling the caller
+        cancels the request: if it has not reached the engine yet, it never will.
+        """
         if not items:
             return []
         self.start()
         assert self._queue is not None and self._loop is not None
+        n = len(items)
+        if self.max_queue is not None and self.queued_sequences + n > self.max_queue:
+            raise QueueFull(self.queued_sequences, n, self.max_queue, self.retry_after_s())
         pending = _Pending(list(items), top_k, self._loop.create_future())
         self._queue.put_nowait(pending)
-        return await pending.future
+        self.queued_sequences += n
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # Awaiting a future from a cancelled task cancels it already; say so, since the
+            # engine task relies on it to skip this request.
+            pending.future.cancel()
+            raise
 
     # -- the engine task ------------------------------------------------------------------------
 
@@ -124,22 +192,30 @@ class ScoreBatcher:
         self._held = None
         batch, n_seqs = [first], len(first.items)
         deadline = time.monotonic() + self.batch_wait_s
-        while n_seqs < self.max_batch_sequences:
-            try:
-                nxt = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+        try:
+            while n_seqs < self.max_batch_sequences:
                 try:
-                    nxt = await asyncio.wait_for(self._queue.get(), left)
-                except asyncio.TimeoutError:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self._queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                if n_seqs + len(nxt.items) > self.max_batch_sequences:
+                    self._held = nxt
                     break
-            if n_seqs + len(nxt.items) > self.max_batch_sequences:
-                self._held = nxt
-                break
-            batch.append(nxt)
-            n_seqs += len(nxt.items)
+                batch.append(nxt)
+                n_seqs += len(nxt.items)
+        except asyncio.CancelledError:
+            # Stopped while gathering: these are neither in the queue nor held, so `stop` cannot
+            # see them; without this their callers would wait forever.
+            for p in batch:
+                p.future.cancel()
+            raise
+        self.queued_sequences -= n_seqs  # out of the queue: in the engine's hands now
         return batch
 
     async def _run(self) -> None:
@@ -149,6 +225,9 @@ class ScoreBatcher:
             for p in batch:
                 if not p.future.done():  # the caller may have gone away
                     groups.setdefault(p.top_k, []).append(p)
+            dropped = len(batch) - sum(len(g) for g in groups.values())
+            if dropped and self.on_dropped is not None:
+                self.on_dropped(dropped)
             try:
                 for top_k, group in groups.items():
                     await self._score_group(group, top_k)
@@ -162,11 +241,14 @@ class ScoreBatcher:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         scores = await loop.run_in_executor(self._executor, self.teacher.score, items, top_k)
+        seconds = time.perf_counter() - t0
+        prev = self.mean_call_s
+        self.mean_call_s = seconds if prev is None else (1 - _EWMA_WEIGHT) * prev + _EWMA_WEIGHT * seconds
         if len(scores) != len(items):
             raise RuntimeError(f"teacher returned {len(scores)} scores for {len(items)} sequences")
         if self.on_batch is not None:
             tokens = sum(len(it.completion_ids) for it in items)
-            self.on_batch(len(items), tokens, time.perf_counter() - t0)
+            self.on_batch(len(items), tokens, seconds)
         return scores
 
     async def _score_group(self, group: list[_Pending], top_k: int) -> None:

@@ -27,6 +27,8 @@ def build_teacher_app(
     max_tokens_per_sequence: int = 4096,
     max_batch_sequences: int = 512,
     batch_wait_ms: float = 2.0,
+    max_queue: int | None = None,
+    max_body_bytes: int | None = None,
     kv_cache_gib: int = 1,
     max_model_len: int | None = None,
 ) -> FastAPI:
@@ -37,6 +39,9 @@ def build_teacher_app(
     """
     from onpolicy.config import ResourcesConfig, TeacherConfig
     from onpolicy.teacher.factory import open_teacher
+    from services.teacher.app import create_app, queue_bound
+
+    queue_bound(max_queue, max_sequences, max_batch_sequences)  # a bad bound fails before the model loads
 
     if backend == "vllm":
         from onpolicy.engines.vllm import vllm_env
@@ -58,8 +63,6 @@ def build_teacher_app(
                  engine_max)
         max_tokens_per_sequence = engine_max
 
-    from services.teacher.app import create_app
-
     return create_app(
         teacher,
         model_name=model_name or str(model),
@@ -68,6 +71,8 @@ def build_teacher_app(
         max_tokens_per_sequence=max_tokens_per_sequence,
         max_batch_sequences=max_batch_sequences,
         batch_wait_ms=batch_wait_ms,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
     )
 
 
@@ -77,18 +82,31 @@ def serve_teacher(
     host: str = "127.0.0.1",
     port: int = 8100,
     api_key_env: str | None = "ONPOLICY_TEACHER_API_KEY",
+    insecure_no_auth: bool = False,
     log_level: str = "info",
     **app_kwargs: Any,
 ) -> None:
     """Serve `model` on http://host:port until interrupted (blocks); `app_kwargs` go to `build_teacher_app`.
 
     The bearer token is read from the environment variable `api_key_env` (unset or empty: no
-    auth), so it never appears on a command line or in a log.
+    auth), so it never appears on a command line or in a log. Without a token, only a loopback
+    `host` is allowed unless `insecure_no_auth` (`ListenRefused` otherwise, raised before the
+    model loads: a refusal should take a second, not the minutes a large teacher takes to load).
     """
-    import uvicorn
+    from services.listen import check_listen
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
+    check_listen(
+        host,
+        has_auth=api_key is not None,
+        insecure_no_auth=insecure_no_auth,
+        what="teacher service",
+        token_hint=f"the bearer token in ${api_key_env or 'ONPOLICY_TEACHER_API_KEY'} "
+        "(or the variable named by --api-key-env)",
+    )
+    import uvicorn
+
     app = build_teacher_app(model, api_key=api_key, **app_kwargs)
     auth = f"bearer token required (from ${api_key_env})" if api_key else "no auth"
     log.info("teacher %s on http://%s:%d, %s", model, host, port, auth)

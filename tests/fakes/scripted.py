@@ -4,7 +4,7 @@ Each `POST /v1/score` pops the next action from `script.actions` (then `script.d
 - "ok": a valid answer. Log-probs are a deterministic function of the token (`fake_logprob`).
 - ("status", code) or ("status", code, {headers}): that HTTP error.
 - ("sleep", seconds): answer correctly after a delay (a slow teacher).
-- "short" | "nan" | "missing" | "no_top_k" | "positive": a broken body of that kind.
+- "short" | "nan" | "missing" | "no_top_k" | "positive" | "topk_out_of_vocab": a broken body of that kind.
 The server counts requests (`script.requests`) and correct answers per batch (`script.scored`),
 so tests can check "retried" and "scored exactly once" from the server's side.
 """
@@ -68,6 +68,8 @@ def _break(body: dict[str, Any], how: str) -> dict[str, Any]:
         del s0["logprobs"]
     elif how == "no_top_k":
         s0["top_k"] = None
+    elif how == "topk_out_of_vocab":
+        s0["top_k"][0][0][0] = 99_999
     return body
 
 
@@ -101,7 +103,7 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
         if isinstance(action, tuple) and action[0] == "sleep":
             await asyncio.sleep(action[1])
         body = _answer(req)
-        if action in ("short", "nan", "missing", "no_top_k", "positive"):
+        if action in ("short", "nan", "missing", "no_top_k", "positive", "topk_out_of_vocab"):
             body = _break(body, action)
         else:
             key = tuple((tuple(s.prompt_ids), tuple(s.completion_ids)) for s in req.sequences)

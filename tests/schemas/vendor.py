@@ -27,6 +27,8 @@ KINDS = {  # kind key -> schema file in kubernetes-validate
     "v1/PersistentVolumeClaim": "persistentvolumeclaim-v1.json",
     "v1/Service": "service-v1.json",
     "apps/v1/Deployment": "deployment-apps-v1.json",
+    "networking.k8s.io/v1/NetworkPolicy": "networkpolicy-networking-v1.json",
+    "v1/Secret": "secret-v1.json",
 }
 EXTRA_DEFS = ["io.k8s.api.core.v1.PodTemplateSpec", "io.k8s.api.core.v1.Service",
               "io.k8s.api.core.v1.ResourceRequirements", "io.k8s.api.core.v1.SecurityContext",

@@ -1,0 +1,105 @@
+"""The README's commands, run verbatim on loopback in a fresh directory, so the README cannot drift
+from what works. A fenced block preceded by `<!-- readme-test: NAME -->` is extracted; its lines run
+as they are written, except that `RUN_ID` is replaced by the id `onpolicy runs start` printed.
+
+The environment is a fresh user's: its own HOME holding a Ray auth token (what any earlier local
+`onpolicy` run leaves in ~/.ray/auth_token, which turns token auth on for `ray start --head`), no
+RAY_* variables, the venv first on PATH. Ray's files go to a temp dir of ours (RAY_TMPDIR), so
+only processes we started are killed at the end, by that marker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_control_ray import kill_tree_matching
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+BLOCK = re.compile(r"<!-- readme-test: (?P<name>[\w-]+) -->\s*```bash\n(?P<body>.*?)```", re.S)
+
+
+def readme_blocks() -> dict[str, list[str]]:
+    text = (ROOT / "README.md").read_text()
+    return {m["name"]: [ln for ln in m["body"].splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            for m in BLOCK.finditer(text)}
+
+
+def test_readme_has_the_tested_blocks():
+    blocks = readme_blocks()
+    assert {"control-server", "control-client"} <= set(blocks), blocks.keys()
+    assert any(line.startswith("ray start --head") for line in blocks["control-server"])
+
+
+@pytest.fixture
+def fresh_user(tmp_path):
+    """(cwd, env): a working directory with the repo's configs and the toy models, and a fresh user's env."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt_", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ONPOLICY_"))}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", VLLM_LOGGING_LEVEL="WARNING",
+               RAY_raylet_start_wait_time_s="300")
+    cwd = tmp_path / "work"
+    shutil.copytree(ROOT / "configs", cwd / "configs")
+    subprocess.run(["onpolicy", "toy", "build", "--out", "toy"], cwd=cwd, env=env, check=True, capture_output=True,
+                   timeout=300)
+    try:
+        yield cwd, env
+    finally:
+        kill_tree_matching(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_control_plane_commands_verbatim(fresh_user):
+    cwd, env = fresh_user
+    blocks = readme_blocks()
+    server = subprocess.Popen(["bash", "-ec", "\n".join(blocks["control-server"])], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            try:
+                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the API did not come up"
+            time.sleep(1)
+        run_id, env_now, outputs = None, dict(env), []
+        for line in blocks["control-client"]:
+            m = re.match(r"export (\w+)=(\S+)", line)
+            if m:
+                env_now[m[1]] = m[2]
+                continue
+            cmd = line.replace("RUN_ID", run_id or "RUN_ID")
+            res = subprocess.run(["bash", "-ec", cmd], cwd=cwd, env=env_now, capture_output=True, text=True,
+                                 timeout=900, check=False)
+            assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+            outputs.append(res.stdout)
+            if " runs start " in f" {line} ":
+                run_id = res.stdout.split()[0]
+        show = outputs[-1]
+        assert '"status": "finished"' in show and '"step": 30' in show, show[-3000:]
+        logs = outputs[-2]  # `runs logs -f`: every step's metrics, then the final status
+        assert "[train step 30]" in logs and "[status] finished step=30" in logs, logs[-3000:]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
