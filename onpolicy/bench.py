@@ -1,8 +1,11 @@
 """`onpolicy bench`: where a step's time goes.
 
-Runs a few strictly on-policy steps of the toy config (no eval, no checkpoints) and prints,
-per stage, the seconds, the throughput in sampled completion tokens per second and the share
-of step time. The first `warmup` steps are left out (engine warm-up, first allocations).
+Runs a few steps of the toy config (no eval, no checkpoints) and prints, per stage, how long the
+driver waited on it (`wait s/step`), how long the stage itself worked (`busy s/step`: engine time,
+teacher calls, learner compute), the throughput in sampled completion tokens per second of busy
+time, and the overlap achieved (busy seconds of all stages / wall time: about 1 or below when the
+stages run one after the other, up to the number of stages when they all run at once). The first
+`warmup` steps are left out (engine warm-up, first allocations, the pipeline filling).
 """
 
 from __future__ import annotations
@@ -16,28 +19,36 @@ from onpolicy.driver import STAGES, Run
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
+    n = len(records)
     total = sum(r["step_seconds"] for r in records)
     tokens = sum(r["sampled_tokens"] for r in records)
+    out: dict[str, dict[str, float]] = {}
     for name in STAGES:
-        secs = sum(r[f"{name}_seconds"] for r in records)
-        out[name] = {"seconds_per_step": secs / len(records), "tokens_per_second": tokens / secs if secs else 0.0,
-                     "share": secs / total}
-    out["step"] = {"seconds_per_step": total / len(records), "tokens_per_second": tokens / total, "share": 1.0,
-                   "tokens_per_step": statistics.mean(r["sampled_tokens"] for r in records)}
+        wait = sum(r[f"{name}_seconds"] for r in records)
+        busy = sum(r.get(f"{name}_busy_seconds", r[f"{name}_seconds"]) for r in records)
+        out[name] = {"wait_seconds_per_step": wait / n, "busy_seconds_per_step": busy / n,
+                     "tokens_per_second": tokens / busy if busy else 0.0, "share": wait / total}
+    out["step"] = {"seconds_per_step": total / n, "tokens_per_second": tokens / total,
+                   "sequences_per_second": sum(r.get("sequences", 0) for r in records) / total,
+                   "tokens_per_step": statistics.mean(r["sampled_tokens"] for r in records),
+                   "overlap": sum(out[s]["busy_seconds_per_step"] for s in STAGES) * n / total}
     return out
 
 
 def format_bench(summary: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'stage':<8} {'s/step':>8} {'tokens/s':>10} {'share':>7}"]
-    for name in (*STAGES, "step"):
+    lines = [f"{'stage':<8} {'wait s/step':>11} {'busy s/step':>11} {'tokens/s busy':>13}"]
+    for name in STAGES:
         s = summary[name]
-        lines.append(f"{name:<8} {s['seconds_per_step']:>8.3f} {s['tokens_per_second']:>10.0f} {s['share']:>7.1%}")
+        lines.append(f"{name:<8} {s['wait_seconds_per_step']:>11.3f} {s['busy_seconds_per_step']:>11.3f} "
+                     f"{s['tokens_per_second']:>13.0f}")
+    st = summary["step"]
+    lines.append(f"{'step':<8} {st['seconds_per_step']:>11.3f} s/step, {st['tokens_per_second']:.0f} tokens/s, "
+                 f"{st['sequences_per_second']:.1f} sequences/s, overlap {st['overlap']:.2f}")
     return "\n".join(lines)
 
 
 def run_bench(config: str | None, overrides: list[str], steps: int = 20, toy_dir: str = "toy",
-              warmup: int = 2) -> dict:
+              warmup: int = 3) -> dict:
     from onpolicy.toy.build import build_toy_models
 
     build_toy_models(toy_dir)
@@ -51,7 +62,8 @@ def run_bench(config: str | None, overrides: list[str], steps: int = 20, toy_dir
         run.close()
     summary = summarise(records)
     print(f"onpolicy bench: {steps} steps of {cfg.rollout.prompts_per_step} prompts x "
-          f"{cfg.rollout.samples_per_prompt} samples, {cfg.rollout.num_workers} worker(s), loss={cfg.loss.kind}")
+          f"{cfg.rollout.samples_per_prompt} samples, {cfg.rollout.num_workers} worker(s), loss={cfg.loss.kind}, "
+          f"teacher={cfg.teacher.kind}/{cfg.teacher.backend}, max_staleness={cfg.schedule.max_staleness}")
     print(format_bench(summary))
     print(json.dumps(summary))
     return summary

@@ -35,6 +35,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from onpolicy.export import compare_students, export_student, render_comparison
+
+    cfg = _load(args.config, args.overrides) if args.eval else None  # a bad config fails before writing
+    out = export_student(args.student, args.out, quantize=args.quantize)
+    print(f"exported {args.student} -> {out}" + (f" ({args.quantize})" if args.quantize else ""))
+    if cfg is not None:
+        report = compare_students(cfg, args.student, out)
+        (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(render_comparison(report, label=args.quantize or "exported"))
+    return 0
+
+
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from onpolicy.toy.build import build_toy_models
 
@@ -96,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the teacher and data")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a student folder vLLM serves, optionally quantized (int8: W8A8)")
+    x.add_argument("--student", required=True, help="Hugging Face model folder of the (distilled) student")
+    x.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    x.add_argument("--quantize", default=None, help="int8: compressed-tensors W8A8 (int8 weights per channel, "
+                   "int8 activations per token); leave out for a plain safetensors copy")
+    x.add_argument("--eval", action="store_true", help="evaluate the student and the export side by side "
+                   "(writes OUT/export_report.json)")
+    x.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the teacher and data (with --eval)")
+    x.add_argument("overrides", nargs="*", help="with --eval, e.g. teacher.model=DIR eval.num_prompts=64")
+    x.set_defaults(func=cmd_export)
 
     toy = sub.add_parser("toy", help="the embedded toy task and models")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

@@ -1,6 +1,11 @@
-"""The run driver: strictly on-policy distillation, one step at a time.
+"""The run driver: on-policy distillation, one update per step.
 
     rollout (vLLM workers, policy v) -> score (teacher) -> learn (learner, v -> v+1) -> push (v+1 to every worker)
+
+With `schedule.max_staleness = 0` each step waits for the last (strictly on-policy). With k >= 1 the
+next k steps' prompts are sampled while this step is scored and learnt (a pipeline), each worker's
+rollouts are scored as soon as that worker is done, and pushes are queued on the workers behind the
+sampling in flight; the learner's importance ratio corrects for the lag (at most k versions).
 
 The driver owns the actors of one run and nothing else; every piece of maths lives in the
 learner, every engine detail in the rollout/teacher packages, and the teacher, whatever its kind,
@@ -12,32 +17,80 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.heldout import eval_seed, evaluate, score_rollouts
+from onpolicy.learner.objectives import get_objective, student_samples
 from onpolicy.metrics import MetricsLog
 from onpolicy.model_dir import model_max_len, require_model_dir
-from onpolicy.rollout.pool import generate_on, push_weights
+from onpolicy.rollout.pool import (
+    Launched,
+    check_push,
+    gather,
+    launch_generate,
+    push_weights,
+    push_weights_async,
+)
 from onpolicy.status import RunStatus, write_status
 
 STAGES = ("rollout", "score", "learn", "push")
 
 
-def stage_metrics(seconds: dict[str, float], tokens: int) -> dict[str, float]:
-    """Seconds, tokens/s and share of the step for each stage (tokens = sampled completion tokens)."""
-    total = sum(seconds.values()) or 1e-9
-    out: dict[str, float] = {"step_seconds": total, "tokens_per_second": tokens / total}
+def stage_metrics(waits: dict[str, float], tokens: int, *, wall: float | None = None,
+                  busy: dict[str, float] | None = None) -> dict[str, float]:
+    """Per stage: the seconds the driver waited on it (`<stage>_seconds`, summing to the step with the
+    driver's own overhead folded in as shares of the waits), tokens/s and share of the step, and, when
+    given, the seconds the stage was busy (`<stage>_busy_seconds`: engine time, teacher calls, learner
+    compute). `overlap` = busy seconds of all stages / step wall time: about 1 or below when the stages
+    run one after the other, above 1 when they run at the same time (tokens = sampled completion tokens)."""
+    total = sum(waits.values()) or 1e-9
+    wall = wall if wall is not None else total
+    out: dict[str, float] = {"step_seconds": wall, "tokens_per_second": tokens / max(wall, 1e-9)}
     for name in STAGES:
-        s = seconds.get(name, 0.0)
+        s = waits.get(name, 0.0)
         out[f"{name}_seconds"] = s
         out[f"{name}_tokens_per_second"] = tokens / s if s > 0 else 0.0
         out[f"{name}_share"] = s / total
+        if busy is not None:
+            out[f"{name}_busy_seconds"] = busy.get(name, 0.0)
+    if busy is not None:
+        out["overlap"] = sum(busy.values()) / max(wall, 1e-9)
     return out
+
+
+def staleness_filter(versions: list[int], learner_version: int, max_staleness: int) -> tuple[list[int], list[int]]:
+    """(indices of the rollouts to train on, the policy lag of every rollout): a rollout sampled from version
+    v is `learner_version - v` updates behind; more than `max_staleness` and it is dropped."""
+    lags = [learner_version - v for v in versions]
+    return [i for i, lag in enumerate(lags) if lag <= max_staleness], lags
+
+
+@dataclass
+class Sampled:
+    """A step's rollouts and their teacher scores, and how long the engines and the teacher worked on them."""
+
+    rollouts: list
+    scores: list
+    engine_seconds: float
+    score_seconds: float
+    sampled_at: float  # perf_counter() when the last worker's rollouts arrived
+
+
+@dataclass
+class Pending:
+    """A step's prompts, drawn and being sampled (then scored) ahead of the step that trains on them."""
+
+    prompts: int
+    sampled: Future[Sampled]
 
 
 class Run:
@@ -60,6 +113,13 @@ class Run:
         self.step = 0
         self.status = RunStatus.STARTING
         self.teacher, self.learner, self.workers, self.log = None, None, [], None
+        self.pending: deque[Pending] = deque()  # steps sampled ahead (schedule.max_staleness of them)
+        self.push_refs: list = []  # the last weight push, queued on every worker
+        # One thread per batch in flight: each waits for its rollouts and scores them as they land.
+        self._scorer = ThreadPoolExecutor(cfg.schedule.max_staleness + 1, thread_name_prefix="sample-score")
+        self._lock = threading.Lock()
+        self.teacher_tokens = 0  # prompt + completion tokens the teacher scored or generated for training
+        self.objective = get_objective(cfg.loss.kind)
         self.student_path = str(require_model_dir(cfg.model.student, "student"))
         # The data is read and checked against the student before anything starts.
         self.source = PromptSource(cfg.data, cfg.eval, cfg.seed)
@@ -69,7 +129,8 @@ class Run:
             init_ray()
             # Checked against the student (reachable, tokenizer, EOS, top-k) before any other engine starts.
             self.teacher = open_teacher(cfg.teacher, student=self.student_path, seed=cfg.seed,
-                                        resources=cfg.resources, on_state_change=self._on_teacher_state)
+                                        resources=cfg.resources, on_state_change=self._on_teacher_state,
+                                        threads=cfg.threads()["teacher"])
             self._check_prompt_lengths("teacher", self.teacher.info().max_model_len)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
@@ -118,33 +179,111 @@ class Run:
         write_status(self.out, status, step=self.step, reason=reason)
 
     # ---- one step -----------------------------------------------------------------------
+    def _launch(self) -> None:
+        """Draw the next step's prompts and start sampling them (on whatever weights the workers serve when
+        they get to it: every push queued before this call); a scorer thread scores each worker's part as
+        soon as it lands, so scoring too runs ahead of the learner when steps are sampled ahead. The
+        objective decides who samples: the student (on-policy), the teacher (sft, soft targets), or, for
+        GKD, the student with probability `loss.lmbda`."""
+        r = self.cfg.rollout
+        index = self.step + len(self.pending)
+        examples = self.source.batch(r.prompts_per_step)
+        prompts = encode_prompts(self.tokenizer, examples)
+        sample = {"n": r.samples_per_prompt, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
+                      "top_p": r.top_p, "seed": self.cfg.seed * 1_000_003 + index * 7919}
+        if student_samples(self.objective, self.cfg.loss.lmbda, self.cfg.seed, index):
+            job = self._scorer.submit(self._sample_and_score, launch_generate(self.workers, prompts, **sample))
+        else:
+            job = self._scorer.submit(self._teacher_sample_and_score, prompts, sample)
+        self.pending.append(Pending(len(examples), job))
+
+    def _score(self, rollouts: list) -> tuple[list, float]:
+        t = time.perf_counter()
+        scores = score_rollouts(self.teacher, rollouts, top_k=self.cfg.teacher.top_k)
+        self._count_teacher_tokens(rollouts)
+        return scores, time.perf_counter() - t
+
+    def _count_teacher_tokens(self, rollouts: list) -> None:
+        """Teacher tokens processed: prompt + completion of every sequence it scored or generated."""
+        with self._lock:
+            self.teacher_tokens += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+
+    def _teacher_sample_and_score(self, prompts: list[list[int]], sample: dict[str, Any]) -> Sampled:
+        """(In a scorer thread.) The teacher samples the batch; scored for its top-k when the loss needs it
+        (sft needs only the tokens: the teacher's own log-probs of them come with the generation)."""
+        from onpolicy.types import Rollout, TeacherScores
+
+        t = time.perf_counter()
+        completions = self.teacher.generate(prompts, **sample)
+        rollouts = [Rollout(prompt_ids=prompts[c.prompt_index], completion_ids=c.completion_ids,
+                            sampler_logprobs=c.logprobs, policy_version=self.step, finish_reason=c.finish_reason,
+                            prompt_index=c.prompt_index, source="teacher") for c in completions]
+        self._count_teacher_tokens(rollouts)
+        sampled_at = time.perf_counter()
+        if self.objective.needs_topk:
+            scores, score_seconds = self._score(rollouts)
+        else:
+            scores, score_seconds = [TeacherScores(logprobs=c.logprobs) for c in completions], 0.0
+        return Sampled(rollouts=rollouts, scores=scores, engine_seconds=0.0,
+                       score_seconds=sampled_at - t + score_seconds, sampled_at=sampled_at)
+
+    def _sample_and_score(self, launched: Launched) -> Sampled:
+        """(In a scorer thread.) Wait for the rollouts, scoring each worker's part as it arrives."""
+        parts = gather(launched, on_part=self._score)
+        sampled_at = max(p.arrived_at for p in parts)
+        return Sampled(rollouts=[r for p in parts for r in p.rollouts],
+                       scores=[s for p in parts for s in p.result[0]],
+                       engine_seconds=sum(p.engine_seconds for p in parts),
+                       score_seconds=sum(p.result[1] for p in parts), sampled_at=sampled_at)
+
     def train_step(self) -> dict[str, Any]:
+        """One update. With `schedule.max_staleness = k`, the batches of the next k steps are already being
+        sampled (and scored) while this one learns, so the rollouts trained on are at most k versions
+        behind the learner (checked: a rollout that is not is dropped and counted)."""
         import ray
 
-        cfg, r = self.cfg, self.cfg.rollout
-        seconds: dict[str, float] = {}
+        k = self.cfg.schedule.max_staleness
+        t_step = time.perf_counter()
+        while len(self.pending) < k + 1:
+            self._launch()
+        batch = self.pending.popleft()
         t = time.perf_counter()
-        examples = self.source.batch(r.prompts_per_step)
-        rollouts = generate_on(self.workers, encode_prompts(self.tokenizer, examples), n=r.samples_per_prompt,
-                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                               seed=cfg.seed * 1_000_003 + self.step * 7919)
-        seconds["rollout"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = score_rollouts(self.teacher, rollouts, top_k=cfg.teacher.top_k)
-        seconds["score"] = time.perf_counter() - t
+        done = batch.sampled.result()
+        waited = time.perf_counter() - t
+        # Of the wait, what went to sampling and what to scoring that had not finished when sampling did.
+        waits = {"rollout": min(max(done.sampled_at - t, 0.0), waited)}
+        waits["score"] = waited - waits["rollout"]
+        if self.push_refs:  # the previous push: done by now (the workers served it before sampling this batch)
+            check_push(ray.get(self.push_refs), self.step)
+        rollouts, scores = done.rollouts, done.scores
+        keep, lags = staleness_filter([r.policy_version for r in rollouts], self.step, k)
+        if len(keep) < len(rollouts):
+            rollouts, scores = [rollouts[i] for i in keep], [scores[i] for i in keep]
         t = time.perf_counter()
         metrics = ray.get(self.learner.train_step.remote(rollouts, scores))
-        seconds["learn"] = time.perf_counter() - t
+        waits["learn"] = time.perf_counter() - t
         t = time.perf_counter()
-        versions = push_weights(self.learner.weight_update.remote(), self.workers)
-        seconds["push"] = time.perf_counter() - t
+        self.push_refs = push_weights_async(self.learner.weight_update.remote(), self.workers)
+        waits["push"] = time.perf_counter() - t
         self.step += 1
         tokens = sum(len(x.completion_ids) for x in rollouts)
-        metrics.update(stage_metrics(seconds, tokens))
-        metrics.update(policy_version=versions[0], sampled_tokens=tokens, sequences=len(rollouts))
-        metrics.update({f"teacher_{k}": v for k, v in self.teacher.usage().items()})
+        wall = time.perf_counter() - t_step
+        busy = {"rollout": done.engine_seconds, "score": done.score_seconds,
+                "learn": metrics.get("learn_seconds", waits["learn"]), "push": waits["push"]}
+        metrics.update(stage_metrics(waits, tokens, wall=wall, busy=busy))
+        metrics.update(policy_version=self.step, sampled_tokens=tokens, sequences=len(rollouts),
+                       teacher_sampled=int(bool(rollouts) and rollouts[0].source == "teacher"),
+                       teacher_tokens_processed=self.teacher_tokens,
+                       policy_lag_mean=sum(lags) / max(len(lags), 1), policy_lag_max=max(lags, default=0),
+                       stale_dropped=len(lags) - len(keep))
+        metrics.update({f"teacher_{key}": v for key, v in self.teacher.usage().items()})
         self.log.train(self.step, metrics)
         return metrics
+
+    @property
+    def prompts_trained(self) -> int:
+        """Prompts drawn for steps already trained (the ones sampled ahead are drawn again after a resume)."""
+        return self.source.drawn - sum(p.prompts for p in self.pending)
 
     def evaluate(self) -> dict[str, float]:
         res = evaluate(self.workers, self.teacher, self.tokenizer, self.source.heldout, self.source.ood,
@@ -158,7 +297,7 @@ class Run:
         path = self.out / "checkpoints" / f"step_{self.step:07d}"
         ray.get(self.learner.save_checkpoint.remote(str(path)))
         (path / "driver_state.json").write_text(
-            json.dumps({"step": self.step, "prompts_drawn": self.source.drawn})
+            json.dumps({"step": self.step, "prompts_drawn": self.prompts_trained})
         )
         ckpts = sorted((self.out / "checkpoints").glob("step_*"))
         for old in ckpts[: -self.cfg.checkpoint.keep]:
@@ -224,7 +363,9 @@ class Run:
                 ray.kill(actor)
         if self.teacher is not None:
             self.teacher.close()
+        self._scorer.shutdown(wait=False, cancel_futures=True)
         self.workers, self.learner, self.teacher, self.log = [], None, None, None
+        self.pending.clear()
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -37,6 +37,11 @@ class Rollout(BaseModel):
     policy_version: int = Field(ge=0)
     finish_reason: Literal["stop", "length"] = "stop"
     prompt_index: int = Field(default=-1, description="Index of the prompt in the step's batch.")
+    source: Literal["student", "teacher"] = Field(
+        default="student",
+        description="Who sampled it: the student (on-policy) or the teacher (sft, soft targets, GKD's teacher "
+        "batches; then `sampler_logprobs` are the teacher's and `policy_version` the learner's when drawn).",
+    )
 
     @model_validator(mode="after")
     def _lengths_match(self) -> Rollout:
@@ -46,6 +51,15 @@ class Rollout(BaseModel):
                 f"{len(self.sampler_logprobs)} sampler log-probs"
             )
         return self
+
+
+class RolloutBatch(BaseModel):
+    """What a rollout worker returns for one generate call: the rollouts, the policy version they were
+    sampled from, and how long the engine worked on them (its busy time, not the caller's wait)."""
+
+    rollouts: list[Rollout]
+    policy_version: int = Field(ge=0)
+    seconds: float = Field(ge=0.0)
 
 
 class ScoreRequestItem(BaseModel):
@@ -99,6 +113,39 @@ class ScoreResponse(BaseModel):
     scores: list[TeacherScores]
     model: str
     usage: ScoreUsage = ScoreUsage()
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /v1/generate` on the teacher service: the teacher samples completions of token-id
+    prompts (the off-policy methods: sequence-level KD, soft targets, GKD's teacher-sampled batches)."""
+
+    prompts: list[list[int]] = Field(min_length=1)
+    n: int = Field(default=1, ge=1, le=64, description="Completions per prompt.")
+    max_new_tokens: int = Field(ge=1, le=32768)
+    temperature: float = Field(default=1.0, ge=0.0, le=4.0, description="0: greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, description="Fixes the samples (per prompt, derived).")
+
+
+class GeneratedCompletion(BaseModel):
+    """One completion the teacher sampled: `logprobs[t]` is the teacher's raw (untempered) log-prob of
+    `completion_ids[t]`; it ends on EOS (`stop`, the EOS id included) or at the cap (`length`)."""
+
+    prompt_index: int = Field(ge=0)
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class GenerateUsage(BaseModel):
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+
+
+class GenerateResponse(BaseModel):
+    completions: list[GeneratedCompletion]
+    model: str
+    usage: GenerateUsage = GenerateUsage()
 
 
 class TeacherInfo(BaseModel):

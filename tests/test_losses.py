@@ -14,7 +14,10 @@ from onpolicy.learner.losses import (
     generalized_jsd_loss,
     masked_reduce,
     sampled_reverse_kl_loss,
+    sequence_kd_loss,
+    soft_target_loss,
     teacher_bucketed_logprobs,
+    token_advantages,
     topk_reverse_kl_loss,
 )
 from onpolicy.learner.schedule import lr_at
@@ -239,3 +242,71 @@ def test_jsd_with_tail_bucket_matches_brute_force():
                 expected += (1 - beta) * sum(a * math.log(a / m) for a, m in zip(ps, ms))
         loss, _ = generalized_jsd_loss(logits, ids, teacher_lp.gather(-1, ids), torch.ones(B, T), beta)
         assert loss.item() == pytest.approx(expected / T, rel=1e-5)
+
+
+def test_sequence_kd_is_the_mean_nll_of_the_teacher_tokens():
+    torch.manual_seed(5)
+    lp = torch.log_softmax(torch.randn(2, 3, 4, dtype=F64), -1)
+    y = torch.tensor([[1, 2, 3], [0, 0, 1]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=F64)
+    loss, _ = sequence_kd_loss(lp.gather(-1, y[..., None])[..., 0], mask)
+    expected = -(lp[0, 0, 1] + lp[0, 1, 2] + lp[1, 1, 0] + lp[1, 2, 1]) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.9)])
+def test_soft_targets_match_brute_force(temperature, alpha):
+    """k = V: alpha * T^2 * KL(softmax(teacher_logits/T) || softmax(student_logits/T)) + (1-alpha) * CE, by hand."""
+    B, T, V = 2, 2, 5
+    logits, teacher_lp = _random_case(B, T, V, seed=6)
+    logits.requires_grad_(True)
+    y = torch.tensor([[0, 3], [4, 1]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    ids = torch.arange(V).expand(B, T, V).contiguous()
+    learner_lp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
+    loss, _ = soft_target_loss(logits, learner_lp, ids, teacher_lp.gather(-1, ids), mask,
+                               temperature=temperature, alpha=alpha)
+    expected, n = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            # teacher at temperature T from its log-probs: softmax(log p / T); student: softmax(z / T)
+            q = [math.exp(teacher_lp[b, t, v].item() / temperature) for v in range(V)]
+            q = [x / sum(q) for x in q]
+            s = [math.exp(logits[b, t, v].item() / temperature) for v in range(V)]
+            s = [x / sum(s) for x in s]
+            kl = sum(qi * math.log(qi / si) for qi, si in zip(q, s))
+            z = [math.exp(logits[b, t, v].item()) for v in range(V)]
+            ce = -math.log(z[y[b, t]] / sum(z))
+            expected += alpha * temperature**2 * kl + (1 - alpha) * ce
+            n += 1
+    assert loss.item() == pytest.approx(expected / n, rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_gkd_mixing_draws_the_documented_fraction():
+    from onpolicy.learner.objectives import OBJECTIVES, student_samples
+
+    for lmbda in (0.0, 0.25, 0.5, 1.0):
+        draws = [student_samples(OBJECTIVES["gkd"], lmbda, seed=3, step=s) for s in range(4000)]
+        assert abs(sum(draws) / len(draws) - lmbda) < 0.03, lmbda
+    again = [student_samples(OBJECTIVES["gkd"], 0.5, seed=3, step=s) for s in range(50)]
+    assert again == [student_samples(OBJECTIVES["gkd"], 0.5, seed=3, step=s) for s in range(50)]  # resumable
+    assert not student_samples(OBJECTIVES["sft"], 1.0, 0, 0) and student_samples(OBJECTIVES["reverse_kl"], 0.0, 0, 0)
+
+
+def test_token_advantages_baselines():
+    sampler = torch.tensor([[-1.0, -2.0, -0.5, 0.0]], dtype=F64)
+    teacher = torch.tensor([[-3.0, -1.0, -0.5, -9.0]], dtype=F64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=F64)
+    raw = token_advantages(sampler, teacher, mask, kl_coef=2.0)
+    assert raw.tolist() == [[-4.0, 2.0, 0.0, 0.0]]  # -2 * (log q - log p), masked position 0
+    centered = token_advantages(sampler, teacher, mask, kl_coef=2.0, baseline="center")
+    assert centered[0, :3].tolist() == pytest.approx([-10 / 3, 8 / 3, 2 / 3]) and centered[0, 3] == 0
+    white = token_advantages(sampler, teacher, mask, kl_coef=2.0, baseline="whiten")
+    vals = white[0, :3]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-12) and (vals**2).mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="baseline"):
+        token_advantages(sampler, teacher, mask, baseline="median")

@@ -83,3 +83,23 @@ def test_report_plot_and_metrics_log(tmp_path):
         assert key in rep
     json.dumps(rep)
     assert "gap closed: 0.78" in format_table(rep)
+
+
+def test_overlap_is_busy_time_over_wall_time():
+    waits = {"rollout": 0.0, "score": 0.0, "learn": 0.3, "push": 0.01}
+    busy = {"rollout": 0.25, "score": 0.2, "learn": 0.28, "push": 0.01}
+    m = stage_metrics(waits, tokens=100, wall=0.35, busy=busy)
+    assert m["overlap"] == pytest.approx(0.74 / 0.35) and m["step_seconds"] == pytest.approx(0.35)
+    assert m["rollout_busy_seconds"] == 0.25 and m["tokens_per_second"] == pytest.approx(100 / 0.35)
+    s = summarise([dict(m, sampled_tokens=100, sequences=10)] * 3)
+    assert s["step"]["overlap"] == pytest.approx(0.74 / 0.35) and s["step"]["sequences_per_second"] == pytest.approx(
+        10 / 0.35)
+    assert s["rollout"]["busy_seconds_per_step"] == pytest.approx(0.25)
+
+
+def test_staleness_filter_drops_what_is_more_than_k_behind():
+    from onpolicy.driver import staleness_filter
+
+    keep, lags = staleness_filter([5, 4, 3, 5], learner_version=5, max_staleness=1)
+    assert keep == [0, 1, 3] and lags == [0, 1, 2, 0]
+    assert staleness_filter([2], 2, 0) == ([0], [0])

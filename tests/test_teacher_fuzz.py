@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from services.teacher.serve import build_teacher_app
 
 TOKEN = "fuzz-token"
-EXAMPLES = {"/v1/score": 40}  # the one operation with a body worth exploring
+EXAMPLES = {"/v1/score": 40, "/v1/generate": 30}  # the operations with a body worth exploring
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_no_5xx(app):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=auth)  # the spec needs it too
     ops = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in ops} == {"/v1/score", "/v1/info", "/healthz", "/metrics"}
+    assert {op.path for op in ops} == {"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/metrics"}
 
     failures: list[str] = []
     statuses: set[int] = set()

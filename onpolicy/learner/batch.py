@@ -46,6 +46,7 @@ class LearnBatch:
     mask_BL: torch.Tensor
     sampler_logprobs_BL: torch.Tensor
     teacher_logprobs_BL: torch.Tensor
+    advantages_BL: torch.Tensor | None = None  # sampled reverse KL: A_t of the whole batch (baseline applied)
     topk_ids_BLK: torch.Tensor | None = None  # pad slots: id 0
     topk_logprobs_BLK: torch.Tensor | None = None  # pad slots: -inf
     topk_mask_BLK: torch.Tensor | None = None  # bool, True on real slots

@@ -16,7 +16,7 @@ import torch
 
 from onpolicy.config import RunConfig
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
-from onpolicy.learner.losses import sampled_kl_metrics
+from onpolicy.learner.losses import sampled_kl_metrics, token_advantages
 from onpolicy.learner.objectives import LossInputs, get_objective
 from onpolicy.learner.schedule import lr_at
 from onpolicy.model_dir import require_model_dir
@@ -41,8 +41,8 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = require_model_dir(model_path, "student")
-        if cfg.resources.torch_threads > 0:
-            torch.set_num_threads(cfg.resources.torch_threads)
+        if cfg.threads()["learner"] > 0:
+            torch.set_num_threads(cfg.threads()["learner"])
         self.cfg = cfg
         self.model_path = str(model_path)
         self.device = resolve_device(device if device is not None else cfg.resources.learner_device)
@@ -89,6 +89,9 @@ class Learner:
         summed gradient equals the gradient of the single-big-batch loss. Returns the loss and the
         sampled-token metrics; does not step the optimizer."""
         batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk)
+        lc = self.cfg.loss
+        batch.advantages_BL = token_advantages(batch.sampler_logprobs_BL, batch.teacher_logprobs_BL, batch.mask_BL,
+                                               kl_coef=lc.kl_coef, gamma=lc.gamma, baseline=lc.baseline)
         normalizer = float(
             batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
         )

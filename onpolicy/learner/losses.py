@@ -61,6 +61,40 @@ def discounted_returns(rewards_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: f
     return returns_BT
 
 
+def token_advantages(
+    sampler_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    gamma: float = 0.0,
+    baseline: str = "none",
+) -> torch.Tensor:
+    """A_t = -kl_coef * G_t with G_t the (discounted) per-token KL r_t = log q - log p_T, then over the
+    masked tokens of the WHOLE batch (so micro-batches see one set of statistics):
+
+        baseline="none":   A_t
+        baseline="center": A_t - mean(A)                 (a constant baseline: less variance, no bias)
+        baseline="whiten": (A_t - mean(A)) / std(A)      (also a constant scale: steps of one size
+                                                          whatever the teacher's log-prob range)
+
+    Masked-out positions are 0."""
+    m = mask_BT.to(sampler_logprobs_BT.dtype)
+    rewards_BT = (sampler_logprobs_BT - teacher_logprobs_BT).detach()
+    adv_BT = -kl_coef * discounted_returns(rewards_BT, m, gamma)
+    if baseline == "none":
+        return adv_BT * m
+    n = m.sum().clamp(min=1.0)
+    mean = (adv_BT * m).sum() / n
+    adv_BT = adv_BT - mean
+    if baseline == "whiten":
+        std = torch.sqrt(((adv_BT * m) ** 2).sum() / n).clamp(min=1e-6)
+        adv_BT = adv_BT / std
+    elif baseline != "center":
+        raise ValueError(f"baseline must be none, center or whiten, got {baseline!r}")
+    return adv_BT * m
+
+
 def sampled_kl_metrics(
     learner_logprobs_BT: torch.Tensor,
     sampler_logprobs_BT: torch.Tensor,
@@ -107,6 +141,7 @@ def sampled_reverse_kl_loss(
     ratio_max: float = 10.0,
     normalize: Normalize = "token",
     normalizer: float | None = None,
+    advantages_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled per-token reverse KL with an importance ratio (on-policy distillation).
 
@@ -118,11 +153,14 @@ def sampled_reverse_kl_loss(
 
     Masked-out ratios still count in the denominator, so dropping a token does not up-weight
     the others. At rho = 1 the gradient is REINFORCE on per-token reverse KL:
-    sum_t m_t kl_coef r_t grad log pi(y_t) / sum_t m_t.
+    sum_t m_t kl_coef r_t grad log pi(y_t) / sum_t m_t. `advantages_BT`, when given, replaces A_t (the
+    learner passes `token_advantages` of the whole batch, with a baseline).
     """
     mask_BT = mask_BT.to(learner_logprobs_BT.dtype)
-    rewards_BT = (sampler_logprobs_BT - teacher_logprobs_BT).detach()
-    advantages_BT = -kl_coef * discounted_returns(rewards_BT, mask_BT, gamma)
+    if advantages_BT is None:
+        advantages_BT = token_advantages(sampler_logprobs_BT, teacher_logprobs_BT, mask_BT, kl_coef=kl_coef,
+                                         gamma=gamma)
+    advantages_BT = advantages_BT.detach()
     ratio_BT = torch.exp(learner_logprobs_BT - sampler_logprobs_BT.detach())
     keep_BT = mask_BT * (ratio_BT.detach() <= ratio_max).to(mask_BT.dtype)
     per_token_BT = -ratio_BT * advantages_BT * keep_BT
@@ -260,3 +298,59 @@ def generalized_jsd_loss(
         jsd_BT = beta * _kl_buckets(teacher_BTN, mix_BTN) + (1.0 - beta) * _kl_buckets(student_BTN, mix_BTN)
     loss = masked_reduce(jsd_BT, mask_BT, normalize, normalizer)
     return loss, {"jsd": masked_reduce(jsd_BT.detach(), mask_BT, "token").item()}
+
+
+def sequence_kd_loss(
+    learner_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    normalize: Normalize = "token",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sequence-level KD (Kim & Rush 2016), the "black-box" route: cross-entropy on completions the TEACHER
+    generated,
+
+        loss = -sum_t m_t log pi(y_t | x, y_<t) / sum_t m_t      y ~ p_T(. | x).
+
+    Only the teacher's tokens are needed, no log-probs."""
+    nll_BT = -learner_logprobs_BT
+    loss = masked_reduce(nll_BT, mask_BT, normalize, normalizer)
+    return loss, {"nll": masked_reduce(nll_BT.detach(), mask_BT, "token").item()}
+
+
+def soft_target_loss(
+    learner_logits_BTV: torch.Tensor,
+    learner_logprobs_BT: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor,
+    teacher_topk_logprobs_BTK: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    topk_mask_BTK: torch.Tensor | None = None,
+    normalize: Normalize = "token",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hinton et al. (2015) soft targets, on teacher-generated (or data set) completions y:
+
+        L_t = alpha * T^2 * KL(p_T^(T) || pi^(T)) + (1 - alpha) * (-log pi(y_t))
+
+    where ^(T) is the distribution at temperature T (softmax(logits / T)); T^2 keeps the soft term's
+    gradient on the scale of the hard term's. The teacher is known by its top-k log-probs (at T = 1), so
+    both sides live on the same k + 1 buckets: the teacher's bucket n gets weight exp(log p_T,n / T)
+    normalised over the buckets (its tail bucket is tempered as one outcome: exact when k = V, an
+    approximation otherwise), the student's buckets are its full softmax(z / T) grouped the same way."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student_BTN = bucketed_logprobs(
+        torch.log_softmax(learner_logits_BTV.float() / temperature, dim=-1), teacher_topk_ids_BTK, topk_mask_BTK
+    )
+    teacher_BTN = teacher_bucketed_logprobs(teacher_topk_logprobs_BTK.double(), topk_mask_BTK)
+    empty_BT = student_BTN[..., -1].detach() <= LOG_ZERO  # k = V: no tail on either side
+    teacher_BTN[..., -1] = torch.where(empty_BT, torch.full_like(teacher_BTN[..., -1], LOG_ZERO),
+                                       teacher_BTN[..., -1])
+    teacher_BTN = torch.log_softmax(teacher_BTN / temperature, dim=-1).clamp(min=LOG_ZERO).float()
+    soft_BT = _kl_buckets(teacher_BTN, student_BTN)
+    per_token_BT = alpha * temperature**2 * soft_BT + (1.0 - alpha) * (-learner_logprobs_BT)
+    loss = masked_reduce(per_token_BT, mask_BT, normalize, normalizer)
+    return loss, {"soft_kl": masked_reduce(soft_BT.detach(), mask_BT, "token").item()}

@@ -3,7 +3,7 @@
 A new objective is one registration (plus its name in `LossConfig.kind`, which a test keeps in
 step with this table):
 
-    @register_objective("my_loss", needs_topk=True)
+    @register_objective("my_loss", needs_topk=True, samples="student")
     def my_loss(x: LossInputs, cfg: LossConfig, normalizer: float) -> tuple[Tensor, dict[str, float]]:
         ...
 
@@ -15,14 +15,17 @@ accumulated over micro-batches equal the gradient of the whole batch.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from onpolicy.config import LossConfig
-from onpolicy.learner.batch import LearnBatch
-from onpolicy.learner.losses import generalized_jsd_loss, sampled_reverse_kl_loss, topk_reverse_kl_loss
+
+if TYPE_CHECKING:  # importing the registry costs nothing: the driver reads it without torch
+    import torch
+
+    from onpolicy.learner.batch import LearnBatch
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,10 @@ class LossInputs:
     learner_logprobs_BL: torch.Tensor  # log pi(target token), differentiable
 
 
-LossFn = Callable[[LossInputs, LossConfig, float], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[LossInputs, LossConfig, float], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+Samples = Literal["student", "teacher", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,18 @@ class Objective:
     name: str
     fn: LossFn
     needs_topk: bool  # the teacher must return its top-k at every position (teacher.top_k > 0)
+    samples: Samples  # who samples the completions: the student (on-policy), the teacher, or `lmbda` mixing
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str, *, needs_topk: bool = False) -> Callable[[LossFn], LossFn]:
+def register_objective(name: str, *, needs_topk: bool = False,
+                       samples: Samples = "student") -> Callable[[LossFn], LossFn]:
     def add(fn: LossFn) -> LossFn:
         if name in OBJECTIVES:
             raise ValueError(f"loss {name!r} is registered twice")
-        OBJECTIVES[name] = Objective(name, fn, needs_topk)
+        OBJECTIVES[name] = Objective(name, fn, needs_topk, samples)
         return fn
 
     return add
@@ -63,16 +71,20 @@ def get_objective(name: str) -> Objective:
 
 @register_objective("reverse_kl")
 def _reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+    from onpolicy.learner.losses import sampled_reverse_kl_loss
+
     b = x.batch
     return sampled_reverse_kl_loss(
         x.learner_logprobs_BL, b.sampler_logprobs_BL, b.teacher_logprobs_BL, b.mask_BL,
         kl_coef=cfg.kl_coef, gamma=cfg.gamma, ratio_max=cfg.ratio_max, normalize=cfg.normalize,
-        normalizer=normalizer,
+        normalizer=normalizer, advantages_BT=b.advantages_BL,
     )
 
 
 @register_objective("topk_reverse_kl", needs_topk=True)
 def _topk_reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+    from onpolicy.learner.losses import topk_reverse_kl_loss
+
     b = x.batch
     return topk_reverse_kl_loss(
         x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, topk_mask_BTK=b.topk_mask_BLK,
@@ -81,9 +93,39 @@ def _topk_reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
 
 
 @register_objective("jsd", needs_topk=True)
+@register_objective("gkd", needs_topk=True, samples="mixed")
 def _jsd(x: LossInputs, cfg: LossConfig, normalizer: float):
+    from onpolicy.learner.losses import generalized_jsd_loss
+
     b = x.batch
     return generalized_jsd_loss(
         x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, cfg.beta, topk_mask_BTK=b.topk_mask_BLK,
         normalize=cfg.normalize, normalizer=normalizer,
     )
+
+
+@register_objective("sft", samples="teacher")
+def _sft(x: LossInputs, cfg: LossConfig, normalizer: float):
+    from onpolicy.learner.losses import sequence_kd_loss
+
+    return sequence_kd_loss(x.learner_logprobs_BL, x.batch.mask_BL, normalize=cfg.normalize, normalizer=normalizer)
+
+
+@register_objective("soft_targets", needs_topk=True, samples="teacher")
+def _soft_targets(x: LossInputs, cfg: LossConfig, normalizer: float):
+    from onpolicy.learner.losses import soft_target_loss
+
+    b = x.batch
+    return soft_target_loss(
+        x.logits_BLV, x.learner_logprobs_BL, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL,
+        temperature=cfg.temperature, alpha=cfg.alpha, topk_mask_BTK=b.topk_mask_BLK, normalize=cfg.normalize,
+        normalizer=normalizer,
+    )
+
+
+def student_samples(objective: Objective, lmbda: float, seed: int, step: int) -> bool:
+    """Whether step `step`'s batch is sampled by the student (else by the teacher). `mixed` (GKD, Agarwal et
+    al. 2023): a fixed-seed draw per step, student with probability `lmbda`, so a run and its resume agree."""
+    if objective.samples != "mixed":
+        return objective.samples == "student"
+    return random.Random(seed * 1_000_003 + step).random() < lmbda

@@ -10,9 +10,12 @@ cache (`VLLMEngine.load_weights`). GPU path (later): vLLM's weight-transfer API 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from onpolicy.types import Rollout, WeightUpdate
+from onpolicy.types import Rollout, RolloutBatch, WeightUpdate
 
 
 class WeightPushError(RuntimeError):
@@ -30,25 +33,76 @@ def shard(items: list, n: int) -> list[list]:
     return out
 
 
-def generate_on(workers: list[Any], prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
-    """Fan prompts out over the rollout workers and gather rollouts in prompt order.
+@dataclass
+class Launched:
+    """Generation in flight on the workers: one (prompt offset, ObjectRef of a `RolloutBatch`) per busy worker."""
+
+    parts: list[tuple[int, Any]]
+
+
+@dataclass
+class Part:
+    """One worker's share of a step, back from the worker (rollouts re-indexed to the step's prompts)."""
+
+    rollouts: list[Rollout]
+    engine_seconds: float
+    arrived_at: float = 0.0  # time.perf_counter() when the worker's answer was in
+    result: Any = None  # what the caller's `on_part` made of it (e.g. the teacher's scores)
+
+
+def launch_generate(workers: list[Any], prompts: list[list[int]], **kwargs: Any) -> Launched:
+    """Fan prompts out over the rollout workers without waiting (contiguous shards, in order).
 
     Worker i gets `seed + i` (when a seed is given), so workers never draw the same samples."""
-    import ray
-
-    parts = shard(prompts, len(workers))
-    refs, offsets, offset = [], [], 0
-    for worker, part in zip(workers, parts):
+    parts, offset = [], 0
+    for worker, part in zip(workers, shard(prompts, len(workers))):
         if part:
             seed = kwargs.get("seed")
-            kw = dict(kwargs, seed=None if seed is None else seed + len(refs))
-            refs.append(worker.generate.remote(part, **kw))
-            offsets.append(offset)
+            kw = dict(kwargs, seed=None if seed is None else seed + len(parts))
+            parts.append((offset, worker.sample.remote(part, **kw)))
         offset += len(part)
-    rollouts: list[Rollout] = []
-    for off, result in zip(offsets, ray.get(refs)):
-        rollouts.extend(r.model_copy(update={"prompt_index": r.prompt_index + off}) for r in result)
-    return rollouts
+    return Launched(parts)
+
+
+def _part(batch: RolloutBatch, offset: int) -> Part:
+    rollouts = batch.rollouts
+    if offset:
+        rollouts = [r.model_copy(update={"prompt_index": r.prompt_index + offset}) for r in rollouts]
+    return Part(rollouts, batch.seconds, time.perf_counter())
+
+
+def gather(launched: Launched, on_part: Callable[[list[Rollout]], Any] | None = None) -> list[Part]:
+    """Every worker's part of `launched`, in prompt order. With `on_part`, each part is handed over as soon
+    as its worker finishes (e.g. to start scoring it while other workers still sample)."""
+    import ray
+
+    offsets = {ref: off for off, ref in launched.parts}
+    done: dict[int, Part] = {}
+    waiting = list(offsets)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=len(waiting) if on_part is None else 1)
+        for ref in ready:
+            part = _part(ray.get(ref), offsets[ref])
+            if on_part is not None:
+                part.result = on_part(part.rollouts)
+            done[offsets[ref]] = part
+    return [done[off] for off in sorted(done)]
+
+
+def generate_on(workers: list[Any], prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
+    """Fan prompts out over the rollout workers and gather rollouts in prompt order."""
+    return [r for part in gather(launch_generate(workers, prompts, **kwargs)) for r in part.rollouts]
+
+
+def push_weights_async(update: Any, workers: list[Any]) -> list[Any]:
+    """Queue `update` (a `WeightUpdate` or an ObjectRef to one) on every worker; returns the refs of the
+    versions they will report. Ray runs one caller's calls to an actor in submission order, so any
+    generation launched after this call samples from the new weights, and one launched before it
+    (in flight) finishes on the old ones: the push never blocks sampling longer than the swap."""
+    import ray
+
+    ref = update if isinstance(update, ray.ObjectRef) else ray.put(update)
+    return [w.load_weights.remote(ref) for w in workers]
 
 
 def push_weights(update: WeightUpdate | Any, workers: list[Any]) -> list[int]:
@@ -59,13 +113,12 @@ def push_weights(update: WeightUpdate | Any, workers: list[Any]) -> list[int]:
     """
     import ray
 
-    if isinstance(update, ray.ObjectRef):
-        ref = update
-        expected = None
-    else:
-        ref = ray.put(update)
-        expected = update.version
-    versions = ray.get([w.load_weights.remote(ref) for w in workers])
+    expected = None if isinstance(update, ray.ObjectRef) else update.version
+    return check_push(ray.get(push_weights_async(update, workers)), expected)
+
+
+def check_push(versions: list[int], expected: int | None) -> list[int]:
+    """`versions` if every worker reports `expected` (None: the first worker's), else WeightPushError."""
     if expected is None:
         expected = versions[0] if versions else None
     bad = [(i, v) for i, v in enumerate(versions) if v != expected]

@@ -6,12 +6,13 @@ into an actor only in `make_rollout_workers`.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from onpolicy.engines.vllm import vllm_env
 from onpolicy.model_dir import require_model_dir
 from onpolicy.ray_utils import actor_class
-from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
+from onpolicy.types import Rollout, RolloutBatch, ScoreRequestItem, WeightUpdate
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -22,7 +23,11 @@ if TYPE_CHECKING:
 class RolloutWorker:
     """Actor body: every method forwards to the engine. Call through `.remote()`."""
 
-    def __init__(self, model_path: str, **engine_kwargs: Any) -> None:
+    def __init__(self, model_path: str, threads: int = 0, **engine_kwargs: Any) -> None:
+        if threads > 0:  # before vLLM starts (it refuses to change the thread count afterwards)
+            import torch
+
+            torch.set_num_threads(threads)
         from onpolicy.rollout.engine import VLLMEngine
 
         self.engine = VLLMEngine(model_path, **engine_kwargs)
@@ -39,6 +44,12 @@ class RolloutWorker:
 
     def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
         return self.engine.generate(prompts, **kwargs)
+
+    def sample(self, prompts: list[list[int]], **kwargs: Any) -> RolloutBatch:
+        """`generate`, with the version sampled from and the engine's busy seconds (for the pipeline's metrics)."""
+        t0 = time.perf_counter()
+        rollouts = self.engine.generate(prompts, **kwargs)
+        return RolloutBatch(rollouts=rollouts, policy_version=self.engine.version, seconds=time.perf_counter() - t0)
 
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
         return self.engine.score(items)
@@ -65,6 +76,7 @@ def make_rollout_workers(
             runtime_env={"env_vars": vllm_env(res.vllm_kv_cache_gib, res.vllm_threads_bind)},
         ).remote(
             model_path,
+            threads=cfg.threads()["rollout"],
             dtype=cfg.model.dtype,
             seed=cfg.seed + i,
             kv_cache_gib=res.vllm_kv_cache_gib,

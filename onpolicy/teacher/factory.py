@@ -1,5 +1,5 @@
-"""The one place a teacher is made: `open_teacher(cfg)` returns something that scores, whatever
-`teacher.kind` says. The driver, `onpolicy eval`, `onpolicy serve teacher` and the compatibility
+"""The one place a teacher is made: `open_teacher(cfg)` returns something that scores and generates,
+whatever `teacher.kind` says. The driver, `onpolicy eval`, `onpolicy serve teacher` and the compatibility
 check all come through here, so nothing else branches on the kind.
 
 | kind      | what you get                                                                     |
@@ -69,11 +69,13 @@ def open_teacher(
     in_process: bool = False,
     on_state_change: Callable[[BreakerState], None] | None = None,
     max_model_len: int | None = None,
+    threads: int = 0,
 ) -> Teacher:
     """The teacher `tc` describes, able to serve `tc.top_k`; checked against `student` when given.
 
     `in_process` (local kind only): load the engine in this process instead of a Ray actor (what
     the teacher service does). `on_state_change` hears a remote teacher's breaker open and close.
+    `threads`: CPU threads of a local teacher actor (0: the library default).
     """
     from onpolicy.config import ResourcesConfig
 
@@ -97,7 +99,7 @@ def open_teacher(
         else:
             from onpolicy.teacher.actor import start_teacher_actor
 
-            teacher = start_teacher_actor(model, tc.backend, res, **kwargs)
+            teacher = start_teacher_actor(model, tc.backend, res, threads, **kwargs)
     else:
         teacher = remote_teacher(
             tc.kind,

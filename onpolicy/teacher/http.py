@@ -13,7 +13,7 @@ What it does on a failure, and why:
   its success closes the breaker and everybody proceeds. A call that has waited `max_wait_s`
   raises `TeacherUnavailable`.
 - At most `max_in_flight` requests are on the wire at once (a semaphore).
-- `TeacherUsage` counts requests, retries, failures, tokens scored and keeps a bounded
+- `TeacherUsage` counts requests, retries, failures, tokens scored and generated, and keeps a bounded
   reservoir of latencies for p50/p95.
 
 The pure pieces (`backoff_delay`, `parse_retry_after`, `CircuitBreaker`, `percentile`) take
@@ -200,18 +200,23 @@ class TeacherUsage:
         self.retries = 0  # attempts that were retries
         self.failures = 0  # attempts that failed (transport error, timeout, 5xx, 429)
         self.tokens_scored = 0
+        self.tokens_generated = 0  # completion tokens the teacher sampled
+        self.prompt_tokens = 0  # prompt tokens of generation calls (once per prompt, whatever n)
         self._size = reservoir_size
         self._latencies: list[float] = []
         self._seen = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
-    def add(self, *, requests: int = 0, retries: int = 0, failures: int = 0, tokens_scored: int = 0) -> None:
+    def add(self, *, requests: int = 0, retries: int = 0, failures: int = 0, tokens_scored: int = 0,
+            tokens_generated: int = 0, prompt_tokens: int = 0) -> None:
         with self._lock:
             self.requests += requests
             self.retries += retries
             self.failures += failures
             self.tokens_scored += tokens_scored
+            self.tokens_generated += tokens_generated
+            self.prompt_tokens += prompt_tokens
 
     def record_latency(self, seconds: float) -> None:
         with self._lock:
@@ -231,6 +236,8 @@ class TeacherUsage:
                 "retries": self.retries,
                 "failures": self.failures,
                 "tokens_scored": self.tokens_scored,
+                "tokens_generated": self.tokens_generated,
+                "prompt_tokens": self.prompt_tokens,
                 "latency_p50_s": percentile(lat, 50),
                 "latency_p95_s": percentile(lat, 95),
             }

@@ -1,9 +1,14 @@
-"""Local teachers: a model folder on this machine scores the student's tokens.
+"""Local teachers: a model folder on this machine scores the student's tokens and samples its own.
 
 `VLLMTeacher` uses vLLM's `prompt_logprobs` (the fast path; one engine per process, so run it
 in its own Ray actor, see `actor.py`). `HFTeacher` runs a padded, batched transformers forward
 pass: slower, but needs no vLLM and is the reference the vLLM path is tested against. Both
 implement the `Teacher` protocol and return the same numbers (float32: within 1e-4).
+
+Generation: `VLLMTeacher` samples as the student's sampler does (`logprobs=0`: vLLM's raw log-prob
+of each sampled token); `HFTeacher` uses transformers `generate` with the KV cache, one prompt-length
+group at a time (no padding, so no pad position can shift a number), reading each sampled token's
+log-prob off the raw logits. Either way a completion's log-probs equal `score` of the same tokens.
 """
 
 from __future__ import annotations
@@ -11,10 +16,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onpolicy.engines.vllm import make_llm, score_with_llm
+from onpolicy.engines.vllm import derive_seed, make_llm, outputs_to_rollouts, score_with_llm
 from onpolicy.model_dir import require_model_dir
 from onpolicy.teacher.fingerprint import CheckResult, compare_info, describe_model
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores, check_top_k, rank_top_k
+from onpolicy.types import (
+    GeneratedCompletion,
+    GenerateRequest,
+    ScoreRequestItem,
+    TeacherInfo,
+    TeacherScores,
+    check_top_k,
+)
+
+
+def generate_request(
+    prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> GenerateRequest:
+    """The arguments of `Teacher.generate` checked as the wire type checks them (ValueError naming the field),
+    plus no empty prompt (there would be nothing to condition on)."""
+    req = GenerateRequest(prompts=prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed)
+    empty = next((i for i, p in enumerate(req.prompts) if not p), None)
+    if empty is not None:
+        raise ValueError(f"prompt {empty} is empty: every prompt needs at least one token (e.g. BOS)")
+    return req
+
+
+def repeat_greedy(completions: list[GeneratedCompletion], n: int) -> list[GeneratedCompletion]:
+    """Greedy decoding samples once per prompt (engines refuse n > 1 for it): the n copies that stands for."""
+    return [c for c in completions for _ in range(n)]
 
 
 class _LocalTeacher:
@@ -24,13 +54,16 @@ class _LocalTeacher:
 
     def __init__(self) -> None:
         self._tokens_scored = 0
+        self._tokens_generated = 0
+        self._prompt_tokens = 0
         self._requests = 0
 
     def info(self) -> TeacherInfo:
         return self._info
 
     def usage(self) -> dict[str, Any]:
-        return {"requests": self._requests, "tokens_scored": self._tokens_scored}
+        return {"requests": self._requests, "tokens_scored": self._tokens_scored,
+                "tokens_generated": self._tokens_generated, "prompt_tokens": self._prompt_tokens}
 
     def close(self) -> None:
         """Nothing to release beyond memory (the engine goes with the process or the object)."""
@@ -51,6 +84,31 @@ class _LocalTeacher:
     def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
         raise NotImplementedError
 
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[GeneratedCompletion]:
+        if not prompts:
+            return []
+        req = generate_request(prompts, n, max_new_tokens, temperature, top_p, seed)
+        out = self._generate(req)
+        if req.temperature == 0:
+            out = repeat_greedy(out, req.n)
+        self._requests += 1
+        self._prompt_tokens += sum(len(p) for p in req.prompts)
+        self._tokens_generated += sum(len(c.completion_ids) for c in out)
+        return out
+
+    def _generate(self, req: GenerateRequest) -> list[GeneratedCompletion]:
+        """`req.n` completions per prompt (one when greedy), grouped by prompt."""
+        raise NotImplementedError
+
 
 class VLLMTeacher(_LocalTeacher):
     """Scores with a vLLM engine; `max_logprobs=-1`, so top-k can go up to the vocabulary size."""
@@ -65,20 +123,52 @@ class VLLMTeacher(_LocalTeacher):
     def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
         return score_with_llm(self.llm, items, top_k)
 
+    def _generate(self, req: GenerateRequest) -> list[GeneratedCompletion]:
+        """As the student's sampler: prompt i samples with `derive_seed(seed, i)` (identical prompts must not
+        share a sample), `logprobs=0` gives the raw log-prob of each sampled token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=1 if req.temperature == 0 else req.n,  # vLLM refuses n > 1 when greedy
+                max_tokens=req.max_new_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                logprobs=0,
+                seed=None if req.seed is None else derive_seed(req.seed, i),
+                detokenize=False,
+            )
+
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in req.prompts],
+            [params(i) for i in range(len(req.prompts))],
+            use_tqdm=False,
+        )
+        return [
+            GeneratedCompletion(prompt_index=r.prompt_index, completion_ids=r.completion_ids,
+                                logprobs=r.sampler_logprobs, finish_reason=r.finish_reason)
+            for r in outputs_to_rollouts(req.prompts, outs, policy_version=0)
+        ]
+
 
 class HFTeacher(_LocalTeacher):
-    """Scores with transformers: right-padded batches of `batch_size` sequences."""
+    """Scores with transformers (right-padded batches of `batch_size` sequences) and samples with its
+    `generate` (batches of up to `batch_size` prompts of one length)."""
 
     def __init__(
         self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu", batch_size: int = 32
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         super().__init__()
         path = require_model_dir(model_path, "teacher")
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
+        # `generate` fills every field we leave unset from the folder's generation_config.json (a repetition
+        # penalty, top-k, ...): the teacher samples its raw distribution shaped only by temperature and top-p.
+        self.model.generation_config = GenerationConfig()
         self.device = device
         self.batch_size = batch_size
         self._info = describe_model(model_path, max_top_k=int(self.model.config.vocab_size))
@@ -90,36 +180,119 @@ class HFTeacher(_LocalTeacher):
         return out
 
     def _score_batch(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
+        """One right-padded forward; log-softmax and top-k only at the positions that predict a completion
+        token (position P-1+t predicts completion token t), all of them in one tensor operation."""
         import torch
 
         seqs = [list(it.prompt_ids) + list(it.completion_ids) for it in items]
         width = max(len(s) for s in seqs)
-        ids_B_L = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask_B_L = torch.zeros(len(seqs), width, dtype=torch.long)
+        ids_BL = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask_BL = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids_B_L[b, : len(s)] = torch.tensor(s)
-            mask_B_L[b, : len(s)] = 1
+            ids_BL[b, : len(s)] = torch.tensor(s)
+            mask_BL[b, : len(s)] = 1
+        rows = torch.tensor([b for b, it in enumerate(items) for _ in it.completion_ids], dtype=torch.long)
+        cols = torch.tensor([len(it.prompt_ids) - 1 + t for it in items for t in range(len(it.completion_ids))],
+                            dtype=torch.long)
+        targets_N = torch.tensor([tok for it in items for tok in it.completion_ids], dtype=torch.long)
         with torch.no_grad():
-            logits_B_L_V = self.model(
-                input_ids=ids_B_L.to(self.device), attention_mask=mask_B_L.to(self.device)
-            ).logits
-            # Position j predicts token j+1.
-            logp_B_L_V = torch.log_softmax(logits_B_L_V.float(), dim=-1).cpu()
-        scores = []
-        for b, it in enumerate(items):
-            n_p, n_c = len(it.prompt_ids), len(it.completion_ids)
-            pos = torch.arange(n_p - 1, n_p - 1 + n_c)
-            logp_T_V = logp_B_L_V[b, pos]
-            tok_T = torch.tensor(list(it.completion_ids), dtype=torch.long)
-            logprobs = logp_T_V.gather(-1, tok_T[:, None])[:, 0].tolist() if n_c else []
-            tops = None
-            if top_k:
-                tops = []
-                for row in logp_T_V:
-                    vals, idx = torch.topk(row, top_k)
-                    tops.append(rank_top_k(zip(idx.tolist(), vals.tolist()), top_k))
-            scores.append(TeacherScores(logprobs=logprobs, top_k=tops))
-        return scores
+            logits_BLV = self.model(input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device)).logits
+            logp_NV = torch.log_softmax(logits_BLV[rows.to(self.device), cols.to(self.device)].float(), dim=-1).cpu()
+        logprobs = logp_NV.gather(-1, targets_N[:, None])[:, 0].tolist()
+        tops: list | None = None
+        if top_k:
+            vals_NK, idx_NK = torch.topk(logp_NV, top_k, dim=-1)
+            # The contract's order: most likely first, ties by lower token id (sort by id, then stable by value).
+            idx_NK, order = idx_NK.sort(dim=-1)
+            vals_NK = vals_NK.gather(-1, order)
+            vals_NK, order = vals_NK.sort(dim=-1, descending=True, stable=True)
+            idx_NK = idx_NK.gather(-1, order)
+            tops = [list(zip(i, v)) for i, v in zip(idx_NK.tolist(), vals_NK.tolist())]
+        out, start = [], 0
+        for it in items:
+            end = start + len(it.completion_ids)
+            out.append(TeacherScores(logprobs=logprobs[start:end], top_k=tops[start:end] if tops is not None else None))
+            start = end
+        return out
+
+
+    def _generate(self, req: GenerateRequest) -> list[GeneratedCompletion]:
+        """Prompts of one length go together (no padding); `seed` seeds torch's generator for this call only."""
+        import torch
+
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(req.prompts):
+            groups.setdefault(len(p), []).append(i)
+        batches = [idx[s : s + self.batch_size] for idx in groups.values()
+                   for s in range(0, len(idx), self.batch_size)]
+        by_prompt: list[list[GeneratedCompletion]] = [[] for _ in req.prompts]
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=req.seed is not None), torch.no_grad():
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            for idx in batches:
+                for i, completion in zip(
+                    (i for i in idx for _ in range(1 if req.temperature == 0 else req.n)),
+                    self._generate_batch([req.prompts[i] for i in idx], req),
+                ):
+                    by_prompt[i].append(completion.model_copy(update={"prompt_index": i}))
+        return [c for cs in by_prompt for c in cs]
+
+    def _generate_batch(self, prompts: list[list[int]], req: GenerateRequest) -> list[GeneratedCompletion]:
+        """One `generate` over prompts of equal length; rows come prompt-major (`num_return_sequences`)."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+        class RawLogprobs(LogitsProcessor):
+            """Changes nothing; keeps the log-softmax of the raw logits it is shown and, one step later, reads
+            off the log-prob of the token sampled from it (the new last input id). transformers runs custom
+            processors before the sampling warpers (temperature, top-p), so these are untempered, and one
+            (rows, vocab) distribution is held at a time (`output_logits` would keep one per step)."""
+
+            def __init__(self) -> None:
+                self.last_logp_RV: torch.Tensor | None = None
+                self.taken: list[torch.Tensor] = []
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                self.take(input_ids[:, -1])
+                self.last_logp_RV = torch.log_softmax(scores.float(), dim=-1)
+                return scores
+
+            def take(self, tokens_R: torch.Tensor) -> None:
+                if self.last_logp_RV is not None:
+                    self.taken.append(self.last_logp_RV.gather(-1, tokens_R[:, None])[:, 0])
+
+        greedy = req.temperature == 0
+        eos = [int(e) for e in self._info.eos_token_ids]
+        cfg = GenerationConfig(
+            max_new_tokens=req.max_new_tokens,
+            do_sample=not greedy,
+            temperature=1.0 if greedy else req.temperature,
+            top_p=1.0 if greedy else req.top_p,
+            top_k=None if greedy else 0,  # 0: off (transformers' default is 50)
+            num_return_sequences=1 if greedy else req.n,
+            eos_token_id=eos or None,
+            pad_token_id=eos[0] if eos else 0,  # fills rows that ended early; cut off below
+            use_cache=True,
+        )
+        ids_BL = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        recorder = RawLogprobs()
+        seqs_RS = self.model.generate(
+            input_ids=ids_BL, attention_mask=torch.ones_like(ids_BL), generation_config=cfg,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
+        new_RT = seqs_RS[:, ids_BL.shape[1] :]
+        recorder.take(new_RT[:, -1])  # the last token was sampled after the processor's last call
+        tokens = new_RT.cpu().tolist()
+        logprobs = torch.stack(recorder.taken, dim=1).cpu().tolist()
+        out = []
+        for toks, lps in zip(tokens, logprobs):
+            end = next((t + 1 for t, tok in enumerate(toks) if tok in eos), None)
+            out.append(GeneratedCompletion(
+                prompt_index=0, completion_ids=toks[: end or len(toks)], logprobs=lps[: end or len(toks)],
+                finish_reason="length" if end is None else "stop",
+            ))
+        return out
 
 
 def build_local_teacher(model_path: str, backend: str = "vllm", **kwargs: Any) -> VLLMTeacher | HFTeacher:

@@ -8,6 +8,10 @@ number reaches the loss: one finite log-prob per completion token, the echoed id
 was sent (where the dialect echoes them), top-k present when asked. A violation raises
 `TeacherResponseError` naming the teacher and exactly what was wrong, because a silently
 misaligned log-prob trains the student on garbage.
+
+Generation goes the same way (`generate` -> the adapter's `_generate_chunk`, then
+`validate_completions`): n completions per prompt, grouped by prompt, each with one finite log-prob
+<= 0 per token, ids inside the vocabulary when it is known, no longer than asked.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from onpolicy.engines.vllm import derive_seed
 from onpolicy.teacher.fingerprint import CheckResult, compare_info
 from onpolicy.teacher.http import BreakerState, RobustClient, TeacherResponseError
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores
+from onpolicy.teacher.local import generate_request
+from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores
 
 # A log-prob a little above 0 is float noise; far above it is a bug (a logit, a probability).
 _LOGPROB_SLACK = 1e-3
@@ -86,8 +92,53 @@ def validate_scores(
                     )
 
 
+def validate_completions(
+    source: str,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    completions: Sequence[GeneratedCompletion],
+    max_new_tokens: int,
+    offset: int = 0,
+    vocab_size: int | None = None,
+) -> None:
+    """Raise `TeacherResponseError` unless `completions` are `n` per prompt, grouped by prompt in order, each
+    1..`max_new_tokens` tokens with one finite log-prob <= 0 apiece, ids inside `[0, vocab_size)` when known.
+
+    `offset` is added to prompt numbers in messages (the index of this chunk's first prompt)."""
+    if len(completions) != len(prompts) * n:
+        raise TeacherResponseError(
+            f"{source}: sent {len(prompts)} prompts with n={n}, got {len(completions)} completions back "
+            f"(expected {len(prompts) * n})"
+        )
+    for k, c in enumerate(completions):
+        where = f"{source}: prompt {offset + k // n}, completion {k % n}"
+        if c.prompt_index != k // n:
+            raise TeacherResponseError(
+                f"{where}: prompt_index is {c.prompt_index}, expected {k // n} (completions come grouped by "
+                "prompt, in prompt order)"
+            )
+        if not 1 <= len(c.completion_ids) <= max_new_tokens:
+            raise TeacherResponseError(
+                f"{where}: {len(c.completion_ids)} tokens, expected 1 to max_new_tokens={max_new_tokens}"
+            )
+        if len(c.logprobs) != len(c.completion_ids):
+            raise TeacherResponseError(
+                f"{where}: {len(c.completion_ids)} tokens but {len(c.logprobs)} log-probs"
+            )
+        for t, v in enumerate(c.logprobs):
+            if not math.isfinite(v) or v > _LOGPROB_SLACK:
+                raise TeacherResponseError(f"{where}, token {t}: log-prob is {v} (must be finite and <= 0)")
+        if vocab_size is not None:
+            bad = next((tok for tok in c.completion_ids if not 0 <= tok < vocab_size), None)
+            if bad is not None:
+                raise TeacherResponseError(
+                    f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+                )
+
+
 class RemoteTeacher:
-    """Shared plumbing: a `RobustClient`, chunking, usage. Subclasses implement `_score_chunk`."""
+    """Shared plumbing: a `RobustClient`, chunking, usage. Subclasses implement `_score_chunk` and
+    `_generate_chunk`."""
 
     kind = "remote"
     info_path = "/"  # the dialect's cheapest GET that proves it is there (reachability)
@@ -172,4 +223,49 @@ class RemoteTeacher:
             return [s for part in pool.map(run, chunks) for s in part]
 
     def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[GeneratedCompletion]:
+        if not prompts:
+            return []
+        req = generate_request(prompts, n, max_new_tokens, temperature, top_p, seed)  # fail before sending
+        size = self._generate_chunk_prompts(req.n, seed)
+        chunks = [(s, req.prompts[s : s + size]) for s in range(0, len(req.prompts), size)]
+
+        def run(chunk: tuple[int, list[list[int]]]) -> list[GeneratedCompletion]:
+            start, part = chunk
+            # A chunk after the first gets a seed of its own: the server derives per-prompt seeds from the
+            # request's, so equal prompts in two chunks would otherwise get equal samples.
+            chunk_seed = None if seed is None else seed if start == 0 else derive_seed(seed, start)
+            out = self._generate_chunk(part, start, n=n, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, seed=chunk_seed)
+            validate_completions(self.source, part, n, out, max_new_tokens, offset=start,
+                                 vocab_size=self.known_vocab_size())
+            self.client.usage.add(prompt_tokens=sum(len(p) for p in part),
+                                  tokens_generated=sum(len(c.completion_ids) for c in out))
+            return [c.model_copy(update={"prompt_index": c.prompt_index + start}) for c in out]
+
+        if len(chunks) == 1:
+            return run(chunks[0])
+        with ThreadPoolExecutor(max_workers=min(len(chunks), self._max_in_flight)) as pool:
+            return [c for part in pool.map(run, chunks) for c in part]
+
+    def _generate_chunk_prompts(self, n: int, seed: int | None) -> int:
+        """Prompts per generation request: about `batch_size` completions."""
+        return max(1, self.batch_size // n)
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], offset: int, *, n: int, max_new_tokens: int, temperature: float,
+        top_p: float, seed: int | None,
+    ) -> list[GeneratedCompletion]:
+        """`n` completions per prompt of this chunk, grouped by prompt (`prompt_index` within the chunk)."""
         raise NotImplementedError

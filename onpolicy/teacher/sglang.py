@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onpolicy.engines.vllm import derive_seed
 from onpolicy.teacher.fingerprint import CheckResult
-from onpolicy.teacher.remote import RemoteTeacher
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
+from onpolicy.teacher.local import repeat_greedy
+from onpolicy.teacher.remote import RemoteTeacher, validate_scores
+from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
 
 
 class SGLangTeacher(RemoteTeacher):
@@ -18,6 +20,17 @@ class SGLangTeacher(RemoteTeacher):
     and `meta_info.input_top_logprobs` one list of such triples per position. SGLang exposes no
     tokenizer fingerprint, so `info()` reports what `GET /get_model_info` gives and marks the
     fingerprint `sglang-unverified:`; `max_top_k` is the configured `max_top_k`.
+
+    Generation: `POST /generate` with `input_ids` (one batch entry per sample, prompt-major: SGLang's own
+    `n` would give every copy of a prompt the same `sampling_seed`), `sampling_params` {max_new_tokens,
+    temperature, top_p, top_k=-1, min_p=0, repetition_penalty=1, sampling_seed when seeded} and
+    `return_logprob`. Each result's `meta_info.output_token_logprobs` holds one `[logprob, token_id,
+    text|null]` per sampled token (EOS included; `output_ids`, where sent, may lack a matched stop token)
+    and `meta_info.finish_reason` is `{"type": "stop"|"length"|"abort", ...}`. SGLang's output log-probs are
+    those of the distribution it sampled from, after temperature (unless the server runs with
+    `SGLANG_RETURN_ORIGINAL_LOGPROB=1`), so unless temperature and top_p are 1 the sampled tokens are
+    scored again as above, which gives the raw log-probs our contract promises. `sampling_seed` is
+    honoured by servers with deterministic sampling (`--enable-deterministic-inference`).
     """
 
     kind = "sglang"
@@ -104,3 +117,69 @@ class SGLangTeacher(RemoteTeacher):
                     raise self._bad(f"sequence {seq}, position {t}: input_top_logprobs entry is {row!r}")
                 tops.append(rank_top_k(((e[1], e[0]) for e in row if e and e[0] is not None), top_k))
         return TeacherScores(logprobs=logprobs, top_k=tops)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], offset: int, *, n: int, max_new_tokens: int, temperature: float,
+        top_p: float, seed: int | None,
+    ) -> list[GeneratedCompletion]:
+        n_ask = 1 if temperature == 0 else n
+        entries = [i for i in range(len(prompts)) for _ in range(n_ask)]
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": -1,
+                  "min_p": 0.0, "repetition_penalty": 1.0}
+        body = {
+            "input_ids": [prompts[i] for i in entries],
+            "sampling_params": params if seed is None
+            else [{**params, "sampling_seed": derive_seed(seed, k)} for k in range(len(entries))],
+            "return_logprob": True,
+        }
+        resp = self.client.post_json("/generate", body)
+        if isinstance(resp, dict):
+            resp = [resp]
+        if not isinstance(resp, list) or len(resp) != len(entries):
+            got = len(resp) if isinstance(resp, list) else 0
+            raise self._bad(f"sent {len(entries)} samples ({len(prompts)} prompts) to /generate, got {got} "
+                            "results")
+        out = [self._parse_generated(res, i, f"prompt {offset + i}, sample {k % n_ask}")
+               for k, (res, i) in enumerate(zip(resp, entries))]
+        if temperature != 1.0 or top_p != 1.0:
+            out = self._rescored(prompts, out, offset)
+        return repeat_greedy(out, n) if n_ask != n else out
+
+    def _parse_generated(self, res: Any, prompt: int, where: str) -> GeneratedCompletion:
+        meta = res.get("meta_info") if isinstance(res, dict) else None
+        entries = meta.get("output_token_logprobs") if isinstance(meta, dict) else None
+        if not isinstance(entries, list):
+            raise self._bad(f"{where}: the response has no meta_info.output_token_logprobs (return_logprob "
+                            "ignored?)")
+        ids, logprobs = [], []
+        for t, e in enumerate(entries):
+            try:
+                logprobs.append(float(e[0]))
+                ids.append(int(e[1]))
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise self._bad(f"{where}, token {t}: malformed output_token_logprobs entry") from None
+        finish = meta.get("finish_reason")
+        kind = finish.get("type") if isinstance(finish, dict) else finish
+        reason = kind if kind in ("stop", "length") else None  # SGLang's finish types are ours (abort fails)
+        if reason is None:
+            # Name SGLang's own values only: the message must not carry what an unknown server wrote.
+            said = repr(kind) if kind in (None, "abort") else "an unknown value"
+            raise self._bad(f"{where}: finish_reason type is {said}, not stop or length (aborted?)")
+        sent = res.get("output_ids")
+        if sent is not None and sent != ids and not (reason == "stop" and sent == ids[:-1]):
+            raise self._bad(f"{where}: output_ids differ from the token ids of output_token_logprobs")
+        return GeneratedCompletion(prompt_index=prompt, completion_ids=ids, logprobs=logprobs,
+                                   finish_reason=reason)
+
+    def _rescored(
+        self, prompts: list[list[int]], out: list[GeneratedCompletion], offset: int
+    ) -> list[GeneratedCompletion]:
+        """`out` with the raw log-probs of its tokens, scored as `score` does (one prefill, no decoding)."""
+        items = [ScoreRequestItem(prompt_ids=prompts[c.prompt_index], completion_ids=c.completion_ids)
+                 for c in out]
+        scores = self._score_chunk(items, 0, offset)
+        validate_scores(self.source, items, scores, 0, offset=offset)
+        self.client.usage.add(tokens_scored=sum(len(it.completion_ids) for it in items))
+        return [c.model_copy(update={"logprobs": s.logprobs}) for c, s in zip(out, scores)]

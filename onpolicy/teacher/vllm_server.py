@@ -12,6 +12,24 @@ holding the actual token at that position plus the top-k (k=0: the actual token 
 sent as -9999. `return_token_ids` makes vLLM echo `choices[i].prompt_token_ids`, which we check.
 The server must allow k: `--max-logprobs` (default 20) caps it, with HTTP 400 above.
 
+Generation request, one per chunk of prompts (one per prompt when seeded, see `_generate_chunk`):
+
+    POST /v1/completions
+    {"model": M, "prompt": [[prompt ids], ...], "max_tokens": N, "temperature": T, "top_p": P, "n": n,
+     "seed": S, "logprobs": 0, "return_token_ids": true, "top_k": 0, "min_p": 0, "repetition_penalty": 1}
+
+Read off vLLM 0.32's `entrypoints/openai/completion/serving.py`
+(`request_output_to_completion_response`, `_create_completion_logprobs`) and `protocol.py`
+(`CompletionResponseChoice`): prompt i's j-th sample is `choices[i * n + j]` (`index` counts choices
+over the whole request); `token_ids` (with `return_token_ids`) are the sampled ids, EOS included;
+`logprobs.token_logprobs[t]` is the log-prob of `token_ids[t]` (raw: the server's default
+`logprobs_mode`; -inf sent as -9999); `finish_reason` is one of `FINISH_REASON_STRINGS`
+(`v1/engine/__init__.py`): `stop` (EOS or a stop id), `length` (max_tokens, or max_model_len
+reached), `repetition` (the server's repetition detector cut it: we call that `length`), `abort`,
+`error` (refused). Fields left out of a request take the model's generation_config.json defaults
+(`get_diff_sampling_param`), hence the explicit top_k, min_p and repetition_penalty. vLLM refuses
+n > 1 when greedy (`SamplingParams._verify_greedy_sampling`): temperature 0 asks for one and repeats it.
+
 vLLM publishes no tokenizer fingerprint, so `info()` probes: `POST /tokenize` of fixed probe
 strings (fingerprint `vllm-probe:<sha256 of the tokenizations>`, comparable with
 `probe_fingerprint(tokenizer)` of a local tokenizer), the vocabulary size from which token ids
@@ -29,8 +47,12 @@ from typing import Any
 
 from onpolicy.teacher.fingerprint import FIX, PROBE_TEXT, CheckResult, describe_model, load_tokenizer
 from onpolicy.teacher.http import TeacherRequestError
+from onpolicy.teacher.local import repeat_greedy
 from onpolicy.teacher.remote import RemoteTeacher
-from onpolicy.types import ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
+from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
+
+# vLLM's finish reasons -> ours; anything else (abort, error, null) fails the call.
+FINISH_REASONS = {"stop": "stop", "length": "length", "repetition": "length"}
 
 PROBE_TEXTS = [
     "Hello, world! 12+34=46",
@@ -55,7 +77,8 @@ def probe_fingerprint(tokenize) -> str:
 
 
 class VLLMServerTeacher(RemoteTeacher):
-    """Scores with `prompt_logprobs` on an external vLLM server; `model` from `GET /v1/models` if None."""
+    """Scores with `prompt_logprobs` and samples with `logprobs=0` on an external vLLM server; `model` from
+    `GET /v1/models` if None."""
 
     kind = "vllm"
     info_path = "/v1/models"
@@ -216,6 +239,63 @@ class VLLMServerTeacher(RemoteTeacher):
                 # The dict holds the actual token (any rank) plus the top-k: keep ranks 1..k.
                 tops.append(rank_top_k(((i, v) for i, v, r in ranked if r is None or r <= top_k), top_k))
         return TeacherScores(logprobs=logprobs, top_k=tops)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _generate_chunk_prompts(self, n: int, seed: int | None) -> int:
+        """A request's `seed` seeds every prompt in it alike, so with a seed each prompt goes alone (with a
+        seed of its own; the requests still run side by side, up to `max_in_flight`)."""
+        return 1 if seed is not None else super()._generate_chunk_prompts(n, seed)
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], offset: int, *, n: int, max_new_tokens: int, temperature: float,
+        top_p: float, seed: int | None,
+    ) -> list[GeneratedCompletion]:
+        n_ask = 1 if temperature == 0 else n
+        body: dict[str, Any] = {
+            "model": self.model_name(), "prompt": prompts, "max_tokens": max_new_tokens,
+            "temperature": temperature, "top_p": top_p, "n": n_ask, "logprobs": 0, "return_token_ids": True,
+            "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        resp = self.client.post_json("/v1/completions", body)
+        choices = resp.get("choices") if isinstance(resp, dict) else None
+        want = len(prompts) * n_ask
+        if not isinstance(choices, list) or len(choices) != want:
+            got = len(choices) if isinstance(choices, list) else 0
+            raise self._bad(f"sent {len(prompts)} prompts with n={n_ask} to /v1/completions, got {got} "
+                            f"choices (expected {want})")
+        index = [c.get("index") if isinstance(c, dict) else None for c in choices]
+        if not all(type(i) is int for i in index) or sorted(index) != list(range(want)):
+            raise self._bad(f"the choices' indices are not 0..{want - 1}, one each")
+        by_index = sorted(zip(index, choices), key=lambda p: p[0])
+        out = [self._parse_generated(c, i // n_ask, f"prompt {offset + i // n_ask}, choice {i}")
+               for i, c in by_index]
+        return repeat_greedy(out, n) if n_ask != n else out
+
+    def _parse_generated(self, choice: dict[str, Any], prompt: int, where: str) -> GeneratedCompletion:
+        ids = choice.get("token_ids")
+        if not isinstance(ids, list):
+            raise self._bad(f"{where}: no token_ids (the server ignored return_token_ids: an older vLLM?)")
+        logprobs = choice.get("logprobs")
+        lps = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        if not isinstance(lps, list):
+            raise self._bad(f"{where}: no logprobs.token_logprobs (the server ignored logprobs=0)")
+        if len(lps) != len(ids):
+            raise self._bad(f"{where}: {len(ids)} token ids but {len(lps)} log-probs")
+        given = choice.get("finish_reason")
+        reason = FINISH_REASONS.get(given) if isinstance(given, str) else None
+        if reason is None:
+            # Name vLLM's own values only: the message must not carry what an unknown server wrote.
+            said = repr(given) if given in (None, "abort", "error") else "an unknown value"
+            raise self._bad(f"{where}: finish_reason is {said}, not stop or length (aborted or failed?)")
+        try:
+            return GeneratedCompletion(prompt_index=prompt, completion_ids=[int(t) for t in ids],
+                                       logprobs=[float(v) for v in lps], finish_reason=reason)
+        except (TypeError, ValueError) as err:
+            what = f"{where}: a token id or log-prob is not a number ({type(err).__name__})"
+            raise self._bad(what) from None
 
 
 def _student_vocab_texts(tok: Any, max_ids: int = 4096, per_text: int = 64) -> list[str]:

@@ -1,4 +1,4 @@
-"""The teacher scoring service: FastAPI over a local teacher, with request batching.
+"""The teacher service: FastAPI over a local teacher that scores (with request batching) and generates.
 
 `create_app` (app.py), `ScoreBatcher` (batcher.py), `serve_teacher` / `build_teacher_app`
 (serve.py). Imports are lazy so `import services.teacher` stays cheap.

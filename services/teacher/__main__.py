@@ -42,6 +42,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="largest request body; beyond it 413 (default: 8 MiB, or more if --max-sequences x "
         "--max-tokens-per-sequence ids need it)",
     )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="most tokens /v1/generate samples per completion (default: 1024)",
+    )
+    p.add_argument(
+        "--max-samples-per-prompt", type=int, default=None,
+        help="most completions per prompt (n) /v1/generate makes (default: 16)",
+    )
     p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--log-level", default="info")
@@ -66,6 +74,8 @@ def serve_from_args(args: argparse.Namespace) -> None:
         batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        max_new_tokens=args.max_new_tokens,
+        max_samples_per_prompt=args.max_samples_per_prompt,
         kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len,
         log_level=args.log_level,
@@ -73,7 +83,8 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.teacher", description="Serve a teacher model for scoring.")
+    p = argparse.ArgumentParser(prog="python -m services.teacher",
+                                description="Serve a teacher model for scoring and generation.")
     args = add_serve_arguments(p).parse_args(argv)
     try:
         serve_from_args(args)

@@ -1,9 +1,13 @@
-"""The teacher scoring service: a FastAPI app over any local `Teacher`.
+"""The teacher service: a FastAPI app over any local `Teacher` that scores and generates.
 
 Endpoints (wire types from `onpolicy.types`):
 - `POST /v1/score`: `ScoreRequest` -> `ScoreResponse` (`usage.tokens_scored` = completion
   tokens scored). Concurrent requests are merged into few engine calls by `ScoreBatcher`
   (see `batcher.py` for how).
+- `POST /v1/generate`: `GenerateRequest` -> `GenerateResponse`: the teacher samples `n` completions
+  per token-id prompt, grouped by prompt, each with the teacher's raw log-prob of every token
+  (`usage`: prompt tokens, once per prompt, and tokens generated). Not merged with other requests:
+  it runs alone on the engine thread, between merged score calls (`ScoreBatcher.run_exclusive`).
 - `GET /v1/info`: `TeacherInfo` (model name, vocab size, tokenizer fingerprint, BOS/EOS, max top-k).
 - `GET /healthz`: liveness, never needs the token.
 - `GET /metrics`: Prometheus text from this app's own `CollectorRegistry` (several apps in one
@@ -13,6 +17,9 @@ With `api_key` set, every endpoint but `/healthz` needs `Authorization: Bearer <
 is compared in constant time and never logged. Requests are checked against the limits before
 they reach the queue, so a bad request fails alone and fast: a body over `max_body_bytes`, too
 many sequences or a sequence too long -> 413, `top_k` above the teacher's maximum or a token id
+outside the vocabulary -> 422. For generation: more than `max_sequences` prompts or completions
+(prompts x n), `n` above `max_samples_per_prompt`, `max_new_tokens` above the server's, or a prompt
+whose length plus `max_new_tokens` is above the longest sequence -> 413; an empty prompt or a token id
 outside the vocabulary -> 422. The teacher raising `ValueError` about a request's content -> 422;
 other engine failures -> 500; both with a one-line message (the stack goes to the server log only).
 
@@ -46,7 +53,17 @@ from pydantic import ValidationError
 from starlette.types import Receive
 
 from onpolicy.protocols import Teacher
-from onpolicy.types import ScoreRequest, ScoreResponse, ScoreUsage, TeacherInfo, check_top_k
+from onpolicy.teacher.remote import validate_completions
+from onpolicy.types import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerateUsage,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreUsage,
+    TeacherInfo,
+    check_top_k,
+)
 from services.body_limit import BodyLimit
 from services.teacher.batcher import QueueFull, ScoreBatcher
 
@@ -54,7 +71,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OPEN_PATHS = frozenset({"/healthz"})
-KNOWN_PATHS = frozenset({"/v1/score", "/v1/info", "/healthz", "/metrics"})
+KNOWN_PATHS = frozenset({"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/metrics"})
+QUEUED_PATHS = frozenset({"/v1/score", "/v1/generate"})  # the ones that wait for the engine
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 # JSON bytes budgeted per token id (up to 6 digits plus ", ", json.dumps' default separator) and
@@ -71,6 +89,14 @@ SCORE_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid request: top_k, a token id, or content the teacher refused"},
     429: {"description": "Queue full: retry after the `Retry-After` header's seconds"},
 }
+GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "Body, prompt or completion count, n, max_new_tokens or a prompt + max_new_tokens "
+                         "over the server's limits (named in the detail)"},
+    422: {"description": "Invalid request: an empty prompt, a token id, or content the teacher refused"},
+    429: {"description": "Queue full: retry after the `Retry-After` header's seconds"},
+}
+DEFAULT_MAX_NEW_TOKENS = 1024
+DEFAULT_MAX_SAMPLES_PER_PROMPT = 16
 
 
 def queue_bound(max_queue: int | None, max_sequences: int, max_batch_sequences: int) -> int:
@@ -176,6 +202,15 @@ class _Metrics:
         self.latency = Histogram(
             "teacher_request_seconds", "Request latency by endpoint", ["endpoint"], registry=r
         )
+        self.completions = Counter("teacher_completions_generated", "Completions generated", registry=r)
+        self.tokens_generated = Counter("teacher_tokens_generated", "Completion tokens generated", registry=r)
+        self.prompt_tokens = Counter(
+            "teacher_generate_prompt_tokens", "Prompt tokens of generation requests (once per prompt)",
+            registry=r,
+        )
+        self.generate_seconds = Histogram(
+            "teacher_generate_engine_seconds", "Duration of one engine generation call", registry=r
+        )
 
     def on_batch(self, n_sequences: int, n_tokens: int, seconds: float) -> None:
         self.batch_sequences.observe(n_sequences)
@@ -210,6 +245,53 @@ def _check_request(req: ScoreRequest, info: TeacherInfo, max_sequences: int, max
             )
 
 
+def _check_generate(
+    req: GenerateRequest, info: TeacherInfo, max_sequences: int, max_tokens: int, max_new_tokens: int,
+    max_samples_per_prompt: int,
+) -> None:
+    """Raise HTTPException (413/422) naming the limit and the value received."""
+    n_prompts, n_completions = len(req.prompts), len(req.prompts) * req.n
+    if n_prompts > max_sequences:
+        raise HTTPException(413, f"too many prompts: got {n_prompts}, this server accepts at most "
+                                 f"{max_sequences} per request (split the batch)")
+    if req.n > max_samples_per_prompt:
+        raise HTTPException(413, f"n={req.n} completions per prompt is above this server's limit of "
+                                 f"{max_samples_per_prompt} (--max-samples-per-prompt)")
+    if n_completions > max_sequences:
+        raise HTTPException(413, f"too many completions: {n_prompts} prompts x n={req.n} = {n_completions}, "
+                                 f"this server makes at most {max_sequences} per request (send fewer "
+                                 "prompts)")
+    if req.max_new_tokens > max_new_tokens:
+        raise HTTPException(413, f"max_new_tokens={req.max_new_tokens} is above this server's limit of "
+                                 f"{max_new_tokens} (--max-new-tokens)")
+    for i, prompt in enumerate(req.prompts):
+        if not prompt:
+            raise HTTPException(422, f"prompt {i} is empty: every prompt needs at least one token")
+        if len(prompt) + req.max_new_tokens > max_tokens:
+            raise HTTPException(
+                413,
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={req.max_new_tokens} that is "
+                f"{len(prompt) + req.max_new_tokens}, above the limit of {max_tokens} tokens per sequence",
+            )
+        bad = [t for t in prompt if not 0 <= t < info.vocab_size]
+        if bad:
+            raise HTTPException(
+                422, f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {info.vocab_size})"
+            )
+
+
+def _engine_error(exc: Exception, what: str) -> HTTPException:
+    """The HTTP error for an engine call that raised, with a one-line message (the stack goes to the log)."""
+    # A ValueError is the teacher refusing this request's content (a prompt too long for
+    # the engine, ...): the caller must change it, and a 4xx tells our client not to
+    # retry. A pydantic ValidationError is a ValueError too, but from the engine's output.
+    if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
+        log.warning("teacher refused %s: %s", what, _one_line(exc))
+        return HTTPException(422, f"teacher refused the request: {_one_line(exc)}")
+    log.error("%s failed", what, exc_info=exc)
+    return HTTPException(500, f"teacher engine failed: {_one_line(exc)}")
+
+
 def create_app(
     teacher: Teacher,
     *,
@@ -221,12 +303,17 @@ def create_app(
     batch_wait_ms: float = 2.0,
     max_queue: int | None = None,
     max_body_bytes: int | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_samples_per_prompt: int = DEFAULT_MAX_SAMPLES_PER_PROMPT,
 ) -> FastAPI:
-    """The scoring app over `teacher`; `model_name` is what `/v1/info` and responses report.
+    """The scoring and generation app over `teacher`; `model_name` is what `/v1/info` and responses report.
 
     `max_queue` (sequences waiting for the engine) and `max_body_bytes` default as `queue_bound`
-    and `body_limit` say.
+    and `body_limit` say; `max_new_tokens` and `max_samples_per_prompt` bound `/v1/generate`.
     """
+    if max_new_tokens < 1 or max_samples_per_prompt < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and max_samples_per_prompt "
+                         f"({max_samples_per_prompt}) must be >= 1")
     info = teacher.info().model_copy(update={"model": model_name})
     metrics = _Metrics()
     batcher = ScoreBatcher(
@@ -271,7 +358,7 @@ def create_app(
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        if path == "/v1/score" and batcher.is_full():
+        if path in QUEUED_PATHS and batcher.is_full():
             # No room for even one sequence: say so before reading and parsing the body.
             wait_s = batcher.retry_after_s()
             full = f"the teacher's queue is full ({batcher.max_queue} sequences)"
@@ -300,19 +387,45 @@ def create_app(
         except _ClientGone:
             log.info("client went away before its %d sequences were answered", len(req.sequences))
             return Response(status_code=CLIENT_CLOSED)
-        except Exception as exc:
-            # A ValueError is the teacher refusing this request's content (a prompt too long for
-            # the engine, ...): the caller must change it, and a 4xx tells our client not to
-            # retry. A pydantic ValidationError is a ValueError too, but from the engine's output.
-            if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
-                log.warning("teacher refused %d sequences: %s", len(req.sequences), _one_line(exc))
-                raise HTTPException(422, f"teacher refused the request: {_one_line(exc)}") from None
-            log.exception("scoring %d sequences failed", len(req.sequences))
-            raise HTTPException(500, f"teacher engine failed: {_one_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 -- logged and answered as a 422 or 500
+            raise _engine_error(exc, f"scoring {len(req.sequences)} sequences") from None
         tokens = sum(len(s.completion_ids) for s in req.sequences)
         metrics.sequences.inc(len(req.sequences))
         metrics.tokens.inc(tokens)
         return ScoreResponse(scores=scores, model=model_name, usage=ScoreUsage(tokens_scored=tokens))
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=GENERATE_ERRORS)
+    async def generate(req: GenerateRequest, request: Request) -> Any:
+        _check_generate(req, info, max_sequences, max_tokens_per_sequence, max_new_tokens,
+                        max_samples_per_prompt)
+        what = f"generating {req.n} completions for each of {len(req.prompts)} prompts"
+
+        def run() -> tuple[list, float]:
+            t0 = time.perf_counter()
+            out = teacher.generate(req.prompts, n=req.n, max_new_tokens=req.max_new_tokens,
+                                   temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+            return out, time.perf_counter() - t0
+
+        try:
+            work = batcher.run_exclusive(run, sequences=len(req.prompts) * req.n)
+            completions, seconds = await _unless_disconnected(work, request.receive)
+            # Our own engine's output, checked as a remote teacher's is: a broken one is a 500, not an answer.
+            validate_completions("the teacher engine", req.prompts, req.n, completions, req.max_new_tokens,
+                                 vocab_size=info.vocab_size)
+        except QueueFull as full:
+            return _busy(str(full), full.retry_after_s)
+        except _ClientGone:
+            log.info("client went away before its %d prompts were generated for", len(req.prompts))
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:  # noqa: BLE001 -- logged and answered as a 422 or 500
+            raise _engine_error(exc, what) from None
+        usage = GenerateUsage(prompt_tokens=sum(len(p) for p in req.prompts),
+                              tokens_generated=sum(len(c.completion_ids) for c in completions))
+        metrics.completions.inc(len(completions))
+        metrics.tokens_generated.inc(usage.tokens_generated)
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.generate_seconds.observe(seconds)
+        return GenerateResponse(completions=completions, model=model_name, usage=usage)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -1,4 +1,4 @@
-"""Merge concurrent score requests into few engine calls (`ScoreBatcher`).
+"""Merge concurrent score requests into few engine calls, and run generation beside them (`ScoreBatcher`).
 
 How it works:
 - Each request handler calls `await batcher.score(items, top_k)`. That puts a `_Pending`
@@ -22,6 +22,11 @@ How it works:
   takes it into a batch, cancelled or not, so the memory held by queued requests stays bounded
   even when clients disconnect faster than the engine drains the queue.
 
+- Generation (`run_exclusive`) is not merged: a generate call runs alone, on the same one engine
+  thread, between merged score calls (the executor runs what it is given in order). It counts its
+  completions (prompts x n) against the same queue bound until the engine thread takes it, so it gets
+  `QueueFull` like a score request, and a caller that goes away before then is never run.
+
 Under light load a request waits at most `batch_wait_ms` extra; under heavy load requests pile
 up while the engine is busy and the next batch takes them all at once, which is where merging
 pays off (one padded forward pass / one vLLM `generate` instead of many).
@@ -36,11 +41,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from onpolicy.protocols import Teacher
 from onpolicy.types import ScoreRequestItem, TeacherScores
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 # on_batch(number of sequences, completion tokens, engine seconds) after each engine call.
 BatchHook = Callable[[int, int, float], None]
@@ -183,6 +190,33 @@ class ScoreBatcher:
             # engine task relies on it to skip this request.
             pending.future.cancel()
             raise
+
+    async def run_exclusive(self, fn: Callable[..., R], *args: Any, sequences: int) -> R:
+        """`fn(*args)` on the engine thread, alone (between merged score calls): for work that is not
+        scoring, such as generation. `sequences` count against the queue bound until the engine thread
+        takes the call (`QueueFull` at once if they do not fit); cancelling the caller before then means
+        it never runs."""
+        if self.max_queue is not None and self.queued_sequences + sequences > self.max_queue:
+            raise QueueFull(self.queued_sequences, sequences, self.max_queue, self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        self.queued_sequences += sequences
+        waiting = True
+
+        def taken() -> None:  # on the loop: out of the queue, in the engine's hands (or given up)
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                self.queued_sequences -= sequences
+
+        def run() -> R:
+            loop.call_soon_threadsafe(taken)
+            return fn(*args)
+
+        try:
+            # A cancelled future that has not started is skipped by the executor.
+            return await loop.run_in_executor(self._executor, run)
+        finally:
+            taken()
 
     # -- the engine task ------------------------------------------------------------------------
 

@@ -31,11 +31,14 @@ def build_teacher_app(
     max_body_bytes: int | None = None,
     kv_cache_gib: int = 1,
     max_model_len: int | None = None,
+    max_new_tokens: int | None = None,
+    max_samples_per_prompt: int | None = None,
 ) -> FastAPI:
     """Load `model` with `backend` (`vllm` or `hf`) and wrap it in `create_app`.
 
     `max_tokens_per_sequence` is capped at the model's `max_model_len`, so a too-long sequence
-    gets a 413 instead of an engine error.
+    gets a 413 instead of an engine error. `max_new_tokens` and `max_samples_per_prompt` bound
+    `/v1/generate` (None: `create_app`'s defaults).
     """
     from onpolicy.config import ResourcesConfig, TeacherConfig
     from onpolicy.teacher.factory import open_teacher
@@ -57,6 +60,8 @@ def build_teacher_app(
         in_process=True,
         max_model_len=max_model_len,
     )
+    generate_limits = {k: v for k, v in (("max_new_tokens", max_new_tokens),
+                                         ("max_samples_per_prompt", max_samples_per_prompt)) if v is not None}
     engine_max = teacher.info().max_model_len
     if engine_max is not None and engine_max < max_tokens_per_sequence:
         log.info("max_tokens_per_sequence %d capped at the model's max_model_len %d", max_tokens_per_sequence,
@@ -73,6 +78,7 @@ def build_teacher_app(
         batch_wait_ms=batch_wait_ms,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
+        **generate_limits,
     )
 
 

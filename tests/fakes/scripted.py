@@ -1,4 +1,4 @@
-"""Our teacher service's API (`/v1/score`, `/v1/info`) answering from a script of behaviours.
+"""Our teacher service's API (`/v1/score`, `/v1/generate`, `/v1/info`) answering from a script of behaviours.
 
 Each `POST /v1/score` pops the next action from `script.actions` (then `script.default`):
 - "ok": a valid answer. Log-probs are a deterministic function of the token (`fake_logprob`).
@@ -7,6 +7,12 @@ Each `POST /v1/score` pops the next action from `script.actions` (then `script.d
 - "short" | "nan" | "missing" | "no_top_k" | "positive" | "topk_out_of_vocab": a broken body of that kind.
 The server counts requests (`script.requests`) and correct answers per batch (`script.scored`),
 so tests can check "retried" and "scored exactly once" from the server's side.
+
+Each `POST /v1/generate` pops the next action the same way: "ok" (n completions per prompt, EOS-ended,
+log-probs from `fake_logprob`), ("status", code), ("sleep", seconds), or a broken body: "short" |
+"nan" | "positive" | "missing" (as above, in the first completion), "few" (one completion missing),
+"unordered" (the first two prompts' completions swapped), "out_of_vocab" (a token id past the
+vocabulary), "too_long" (more tokens than max_new_tokens), "bad_finish" (finish_reason "abort").
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from onpolicy.types import ScoreRequest, TeacherInfo
+from onpolicy.types import GenerateRequest, ScoreRequest, TeacherInfo
+
+BROKEN_GENERATE = ("short", "nan", "positive", "missing", "few", "unordered", "out_of_vocab", "too_long",
+                   "bad_finish")
 
 
 def fake_logprob(token_id: int, position: int) -> float:
@@ -73,6 +82,44 @@ def _break(body: dict[str, Any], how: str) -> dict[str, Any]:
     return body
 
 
+def _generated(req: GenerateRequest, eos: int) -> dict[str, Any]:
+    completions = []
+    for i, prompt in enumerate(req.prompts):
+        for j in range(req.n):
+            ids = [4 + (i + j) % 8] * (min(3, req.max_new_tokens) - 1) + [eos]
+            lps = [fake_logprob(t, len(prompt) + k) for k, t in enumerate(ids)]
+            completions.append({"prompt_index": i, "completion_ids": ids, "logprobs": lps, "finish_reason": "stop"})
+    return {
+        "completions": completions,
+        "model": "scripted",
+        "usage": {"prompt_tokens": sum(map(len, req.prompts)), "tokens_generated": 3 * len(completions)},
+    }
+
+
+def _break_generated(body: dict[str, Any], how: str, max_new_tokens: int) -> dict[str, Any]:
+    cs = body["completions"]
+    if how == "short":
+        cs[0]["logprobs"] = cs[0]["logprobs"][:-1]
+    elif how == "nan":
+        cs[0]["logprobs"][0] = float("nan")
+    elif how == "positive":
+        cs[0]["logprobs"][0] = 2.5
+    elif how == "missing":
+        del cs[0]["logprobs"]
+    elif how == "few":
+        cs.pop()
+    elif how == "unordered":
+        cs[0]["prompt_index"], cs[-1]["prompt_index"] = cs[-1]["prompt_index"], cs[0]["prompt_index"]
+    elif how == "out_of_vocab":
+        cs[0]["completion_ids"][0] = 99_999
+    elif how == "too_long":
+        cs[0]["completion_ids"] = [5] * (max_new_tokens + 1)
+        cs[0]["logprobs"] = [-1.0] * (max_new_tokens + 1)
+    elif how == "bad_finish":
+        cs[0]["finish_reason"] = "abort"
+    return body
+
+
 def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None, api_key: str | None = None):
 
     app = FastAPI()
@@ -109,6 +156,23 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
             key = tuple((tuple(s.prompt_ids), tuple(s.completion_ids)) for s in req.sequences)
             script.scored[key] += 1
         # json.dumps, not JSONResponse: the "nan" case must reach the client as a NaN literal.
+        return Response(json.dumps(body, allow_nan=True), media_type="application/json")
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        script.requests["generate"] += 1
+        if not _authorised(request):
+            return JSONResponse({"detail": "bad token"}, status_code=401)
+        req = GenerateRequest.model_validate(await request.json())
+        action = script.next()
+        if isinstance(action, tuple) and action[0] == "status":
+            headers = action[2] if len(action) > 2 else None
+            return JSONResponse({"detail": f"scripted {action[1]}"}, status_code=action[1], headers=headers)
+        if isinstance(action, tuple) and action[0] == "sleep":
+            await asyncio.sleep(action[1])
+        body = _generated(req, info.eos_token_ids[0] if info.eos_token_ids else 2)
+        if action in BROKEN_GENERATE:
+            body = _break_generated(body, action, req.max_new_tokens)
         return Response(json.dumps(body, allow_nan=True), media_type="application/json")
 
     return app

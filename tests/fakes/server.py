@@ -1,11 +1,18 @@
-"""Run an ASGI app with uvicorn in a background thread, on loopback, restartable on the same port."""
+"""Run an ASGI app with uvicorn in a background thread, on loopback, restartable on the same port; a proxy
+that edits a real server's answers (`make_mangling_proxy_app`)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 
 def free_port() -> int:
@@ -54,3 +61,22 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def make_mangling_proxy_app(upstream: str, path: str, mangle: Callable[[Any], Any]):
+    """Forward every request to `upstream`; a successful answer on `path` (e.g. "v1/completions") goes back
+    as `mangle(decoded body)` (a teacher that answers, but wrongly). NaN survives (as JSON's NaN literal)."""
+    app = FastAPI()
+    client = httpx.AsyncClient(base_url=upstream, timeout=120)
+
+    @app.api_route("/{sub:path}", methods=["GET", "POST"])
+    async def proxy(sub: str, request: Request):
+        r = await client.request(
+            request.method, "/" + sub, content=await request.body(),
+            headers={"content-type": request.headers.get("content-type", "application/json")},
+        )
+        if sub == path and r.status_code == 200:
+            return Response(json.dumps(mangle(r.json()), allow_nan=True), media_type="application/json")
+        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+    return app

@@ -1,0 +1,203 @@
+"""The two model pairs of `bench/vs_trl.py` and their prompt files.
+
+- toy: the prebuilt addition models in onpolicy/toy/assets (1.3M student / 2.6M teacher Llama,
+  character tokenizer); prompts from `AdditionTask` (training stream + its held-out set).
+- mid: Qwen2 models with random (seeded) weights, ~6M student / ~45M teacher, sharing one BPE
+  tokenizer (vocab 300) trained here on a generated corpus of made-up words. Built into the
+  cache folder once; a `build.json` with the spec marks a finished build.
+
+Every system reads the same JSONL file: `steps x prompts_per_step` training lines, in the order
+they are used (batch i = lines i*B .. (i+1)*B-1), then the held-out lines (`"split": "heldout"`).
+Runs in the project venv; torch and transformers are imported only to build the mid models.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_ASSETS = REPO / "onpolicy" / "toy" / "assets"
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    student: str
+    teacher: str
+    prompts_path: str
+    prompts_per_step: int
+    max_new_tokens: int
+    heldout: int
+    default_steps: int
+
+
+@dataclass(frozen=True)
+class MidSpec:
+    """Architecture of the mid pair. head_dim 64: vLLM's CPU attention takes 32/64/80/96/112/128."""
+
+    vocab_size: int = 300
+    max_len: int = 256
+    student_hidden: int = 384
+    student_layers: int = 4
+    student_heads: int = 6
+    student_ffn: int = 768
+    teacher_hidden: int = 768
+    teacher_layers: int = 8
+    teacher_heads: int = 12
+    teacher_ffn: int = 1408
+    seed: int = 0
+    corpus_sentences: int = 4000
+    version: int = 1
+
+
+# ---- the generated language of the mid pair ----------------------------------------------------
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh", "tr", "st"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "s", "l", "m"]
+
+
+def _lexicon(rng: random.Random, n: int = 400) -> list[str]:
+    words: set[str] = set()
+    while len(words) < n:
+        syllables = rng.choice([1, 1, 2, 2, 2, 3])
+        words.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)))
+    return sorted(words)
+
+
+def _sentence(rng: random.Random, lexicon: list[str], lo: int, hi: int) -> str:
+    # Zipf-like word frequencies, so BPE finds frequent words worth merging.
+    words = rng.choices(lexicon, weights=[1.0 / (r + 1) for r in range(len(lexicon))], k=rng.randint(lo, hi))
+    return " ".join(words) + rng.choice([".", ".", "?", "!"])
+
+
+def _build_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE trained with exactly the normaliser and pre-tokeniser that transformers' `Qwen2Tokenizer`
+    rebuilds from vocab + merges (AutoTokenizer picks that class for a qwen2 model folder, whatever
+    tokenizer.json says), so transformers and vLLM both encode the way it was trained. No BOS, as in Qwen2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK], show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                         for m in model["merges"]],
+                          bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=256)
+
+
+def _qwen2(spec: MidSpec, tokenizer, hidden: int, layers: int, heads: int, ffn: int, seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=spec.vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
+        max_position_embeddings=spec.max_len, tie_word_embeddings=False, use_sliding_window=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).float()
+
+
+def build_mid_models(root: Path, spec: MidSpec = MidSpec(), log=print) -> tuple[Path, Path, dict]:
+    """`root/student`, `root/teacher` (cached: rebuilt only when the spec changed); returns their paths and sizes."""
+    student_dir, teacher_dir, info_path = root / "student", root / "teacher", root / "build.json"
+    want = asdict(spec)
+    if info_path.is_file() and (student_dir / "model.safetensors").is_file() and (teacher_dir / "model.safetensors").is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("spec") == want:
+            return student_dir, teacher_dir, info
+    log(f"[mid] building the Qwen2 pair and its BPE tokenizer into {root}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    rng = random.Random(spec.seed)
+    lexicon = _lexicon(rng)
+    corpus = [_sentence(rng, lexicon, 4, 20) for _ in range(spec.corpus_sentences)]
+    tokenizer = _build_tokenizer(corpus, spec.vocab_size)
+    if len(tokenizer) != spec.vocab_size:
+        raise RuntimeError(f"BPE gave {len(tokenizer)} tokens, wanted {spec.vocab_size}: enlarge the corpus")
+    shutil.rmtree(root, ignore_errors=True)
+    sizes = {}
+    for name, dest, dims, seed in (
+        ("student", student_dir, (spec.student_hidden, spec.student_layers, spec.student_heads, spec.student_ffn), 1),
+        ("teacher", teacher_dir, (spec.teacher_hidden, spec.teacher_layers, spec.teacher_heads, spec.teacher_ffn), 2),
+    ):
+        model = _qwen2(spec, tokenizer, *dims, seed=spec.seed * 1000 + seed)
+        sizes[name] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(str(dest))
+        tokenizer.save_pretrained(str(dest))
+    info = {"spec": want, "parameters": sizes, "lexicon_seed": spec.seed}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    (root / "lexicon.json").write_text(json.dumps(lexicon))
+    log(f"[mid] student {sizes['student'] / 1e6:.2f}M, teacher {sizes['teacher'] / 1e6:.2f}M parameters")
+    return student_dir, teacher_dir, info
+
+
+def _write_prompts(path: Path, train: list[dict], heldout: list[dict]) -> None:
+    lines = [json.dumps(r) for r in train] + [json.dumps({**r, "split": "heldout"}) for r in heldout]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def prepare_pair(name: str, cache: Path, steps: int | None, log=print) -> tuple[Pair, dict]:
+    """Build (or reuse) the pair's models and write its prompt file for `steps` steps."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if name == "toy":
+        from onpolicy.toy.task import AdditionTask
+
+        batch, cap, n_heldout, default_steps = 64, 8, 64, 30
+        steps = steps or default_steps
+        task = AdditionTask(1, 3, 4)
+        heldout = task.heldout(n_heldout)
+        stream = task.train_stream(0, exclude=heldout)
+        train = [{"prompt": e.prompt, "answer": e.answer} for e in (next(stream) for _ in range(steps * batch))]
+        path = cache / f"toy_prompts_{steps}.jsonl"
+        _write_prompts(path, train, [{"prompt": e.prompt, "answer": e.answer} for e in heldout])
+        pair = Pair("toy", str(TOY_ASSETS / "student"), str(TOY_ASSETS / "teacher"), str(path), batch, cap,
+                    n_heldout, default_steps)
+        info = {"parameters": {k: _count_params(TOY_ASSETS / k) for k in ("student", "teacher")}}
+        return pair, info
+    if name == "mid":
+        batch, cap, n_heldout, default_steps = 32, 64, 32, 10
+        steps = steps or default_steps
+        student, teacher, info = build_mid_models(cache / "mid", log=log)
+        lexicon = json.loads((cache / "mid" / "lexicon.json").read_text())
+        # Prompts come from streams apart from the tokenizer's corpus; the held-out set does not depend on `steps`.
+        heldout_rng, train_rng = random.Random(11), random.Random(7)
+        heldout = [{"prompt": _sentence(heldout_rng, lexicon, 6, 12)} for _ in range(n_heldout)]
+        train = [{"prompt": _sentence(train_rng, lexicon, 6, 12)} for _ in range(steps * batch)]
+        path = cache / f"mid_prompts_{steps}.jsonl"
+        _write_prompts(path, train, heldout)
+        return Pair("mid", str(student), str(teacher), str(path), batch, cap, n_heldout, default_steps), info
+    raise ValueError(f"unknown pair {name!r}: use toy or mid")
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameters in a model folder, read from the safetensors header (no torch needed)."""
+    import struct
+
+    with open(model_dir / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    total = 0
+    for key, meta in header.items():
+        if key != "__metadata__":
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            total += n
+    return total
