@@ -1,8 +1,9 @@
 """Distillation methods side by side at equal teacher cost: on-policy vs sequence-level KD vs Hinton soft
 targets vs GKD mixing, all from the same toy student, against teacher tokens processed.
 
-    .venv/bin/python bench/quality.py [--methods on_policy,sft,soft_targets,gkd] [--steps 600]
-                                      [--lrs 3e-4,1e-3,3e-3] [--out runs/quality]
+    .venv/bin/python bench/quality.py [--methods on_policy,on_policy_sampled,sft,soft_targets,gkd]
+                                      [--steps 600] [--lrs 3e-4,1e-3,3e-3] [--sampled-lrs 1e-4,3e-4,1e-3]
+                                      [--out runs/quality]
 
 Each (method, lr) is one `onpolicy train` of configs/toy.yaml in a fresh process, evaluated every
 `--eval-every` steps on the held-out split (256 prompts, 1-3 digit operands) and the OOD split (4-digit
@@ -27,7 +28,7 @@ METHODS = {
     # name: (what it is, overrides)
     "on_policy": ("student samples, exact top-k reverse KL (the demo's objective)", []),
     "on_policy_sampled": ("student samples, sampled reverse KL (needs only the sampled token's log-prob)",
-                          ["loss.kind=reverse_kl", "teacher.top_k=0"]),
+                          ["loss.kind=reverse_kl", "teacher.top_k=0"]),  # its lr: --sampled-lrs
     "sft": ("teacher samples, cross-entropy (sequence-level KD)", ["loss.kind=sft", "teacher.top_k=0"]),
     "soft_targets": ("teacher samples, T=2 KL over the top-16 + 0.5 CE (Hinton)",
                      ["loss.kind=soft_targets", "loss.temperature=2.0", "loss.alpha=0.5"]),
@@ -73,8 +74,10 @@ def at_budget(points: list[dict], budget: float, key: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="on_policy,sft,soft_targets,gkd")
+    ap.add_argument("--methods", default="on_policy,on_policy_sampled,sft,soft_targets,gkd")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--sampled-lrs", default="1e-4,3e-4,1e-3",
+                    help="lrs for on_policy_sampled (a one-sample estimator wants smaller steps)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--teacher-accuracy", type=float, default=None,
@@ -97,7 +100,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     for method in args.methods.split(","):
         sweep = {}
-        for lr in (float(x) for x in args.lrs.split(",")):
+        lrs = args.sampled_lrs if method == "on_policy_sampled" else args.lrs
+        for lr in (float(x) for x in lrs.split(",")):
             print(f"[{method}] lr={lr:g}: training {args.steps} steps ...", flush=True)
             points = run_one(method, lr, args, out)
             best = max(p["heldout_accuracy"] for p in points)

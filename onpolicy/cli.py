@@ -38,9 +38,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from onpolicy.export import compare_students, export_student, render_comparison
 
+    if args.eval and args.merge:
+        raise ValueError("--eval compares an export with its source model folder, which an adapter is not: "
+                         "export with --merge, then run `onpolicy eval --student OUT`")
     cfg = _load(args.config, args.overrides) if args.eval else None  # a bad config fails before writing
-    out = export_student(args.student, args.out, quantize=args.quantize)
-    print(f"exported {args.student} -> {out}" + (f" ({args.quantize})" if args.quantize else ""))
+    out = export_student(args.student, args.out, quantize=args.quantize, merge=args.merge, base=args.base)
+    what = [w for w in ("merged" if args.merge else None, args.quantize) if w]
+    print(f"exported {args.student} -> {out}" + (f" ({', '.join(what)})" if what else ""))
     if cfg is not None:
         report = compare_students(cfg, args.student, out)
         (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -115,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
     x.add_argument("--quantize", default=None, help="int8: compressed-tensors W8A8 (int8 weights per channel, "
                    "int8 activations per token); leave out for a plain safetensors copy")
+    x.add_argument("--merge", action="store_true", help="--student is a LoRA adapter folder (a LoRA run's "
+                   "checkpoint): write its base model with the adapter merged in")
+    x.add_argument("--base", default=None, help="with --merge: the base model folder (default: the one the "
+                   "adapter's adapter_config.json names)")
     x.add_argument("--eval", action="store_true", help="evaluate the student and the export side by side "
                    "(writes OUT/export_report.json)")
     x.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the teacher and data (with --eval)")

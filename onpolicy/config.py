@@ -19,12 +19,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    """A LoRA adapter on the student's linear layers (PEFT): W' = W + (alpha / rank) B A."""
+
+    rank: Literal[1, 8, 16, 32, 64, 128, 256] = Field(
+        8, description="Adapter rank r (the values vLLM serves: 1, 8, 16, 32, 64, 128, 256)."
+    )
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="Scale numerator: the update is (alpha / rank) B A.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get an adapter (e.g. q_proj, v_proj, gate_proj, down_proj).",
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the adapter's input in the training forward only (scoring and the importance "
+        "ratio see none, so anything above 0 adds noise to the ratio).",
+    )
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraConfig:
+        # vLLM drops an lm_head adapter from prompt_logprobs (vllm-project/vllm#51594) and serves no
+        # embedding adapters: the push could not be checked, or not served at all.
+        refused = sorted(set(self.target_modules) & {"lm_head", "embed_tokens"})
+        if refused:
+            raise ValueError(f"model.lora.target_modules: {refused} cannot be adapted (vLLM serves LoRA on the "
+                             "decoder's linear layers): use e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                             "down_proj")
+        return self
+
+
 class ModelConfig(_Section):
     student: str = Field(
         "toy/student", description="Student model: a Hugging Face model folder (weights + tokenizer)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the student in the learner and the rollout engines."
+        "float32",
+        description="Dtype of the student in the learner's forward and the rollout engines. bfloat16/float16: "
+        "the learner keeps float32 trainable weights and optimizer state and runs the forward under autocast; "
+        "log-probs are always computed in float32. float16 needs optim.loss_scaling=true.",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train a LoRA adapter instead of every weight (null: full fine-tuning)."
     )
 
 
@@ -89,11 +125,52 @@ class TeacherConfig(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["addition", "jsonl"] = Field(
-        "addition", description="`addition`: the embedded toy task; `jsonl`: prompts from a file."
+    task: Literal["addition", "jsonl", "dataset"] = Field(
+        "addition",
+        description="`addition`: the embedded toy task; `jsonl`: prompts from a file of {prompt, answer?, split?} "
+        "lines; `dataset`: any source the `datasets` library reads (see `source`).",
     )
     prompts_path: str | None = Field(
         None, description="For task=jsonl: a file of {\"prompt\": ..., \"answer\": ...} lines."
+    )
+    source: str | None = Field(
+        None,
+        description="For task=dataset: a local .jsonl/.json/.parquet/.csv file, a dataset folder (save_to_disk, "
+        "or data files per split), or a Hugging Face hub id (needs the network or the hub cache).",
+    )
+    prompt_field: str | None = Field(None, description="task=dataset: the column holding plain-text prompts.")
+    messages_field: str | None = Field(
+        None,
+        description="task=dataset: the column holding chat conversations ([{role, content}], OpenAI style); a "
+        "final assistant turn is dropped and the rest rendered with the student's chat template.",
+    )
+    answer_field: str | None = Field(
+        None, description="task=dataset: the column with the expected answer (exact-match eval; null: not reported)."
+    )
+    split: str = Field("train", min_length=1, description="task=dataset: the split trained on.")
+    heldout_split: str | None = Field(
+        None, description="task=dataset: the split evaluated on (null: hold out `heldout_fraction` of `split`)."
+    )
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="task=dataset without heldout_split: this fraction of `split` is held out (the same rows "
+        "whatever the run seed; eval uses at most eval.num_prompts of them). Streaming: any value > 0 holds out "
+        "the first eval.num_prompts rows. 0: no held-out set.",
+    )
+    streaming: bool = Field(
+        False,
+        description="task=dataset: read the split as a stream (large sets): shuffled in a buffer with the run "
+        "seed, rows checked as they are read instead of all before the run starts.",
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat-template file to use instead of the student tokenizer's own."
+    )
+    check_chat_template: bool = Field(
+        True,
+        description="Before anything starts, render a probe conversation with the student's template and a local "
+        "teacher's own and refuse the run if their token ids differ.",
     )
     min_digits: int = Field(1, ge=1, le=9, description="Addition: fewest digits per training operand.")
     max_digits: int = Field(3, ge=1, le=9, description="Addition: most digits per training operand.")
@@ -112,6 +189,12 @@ class DataConfig(_Section):
             raise ValueError("data.min_digits must be <= data.max_digits")
         if self.task == "jsonl" and not self.prompts_path:
             raise ValueError("data.prompts_path is required when data.task=jsonl")
+        if self.task == "dataset":
+            if not self.source:
+                raise ValueError("data.source is required when data.task=dataset")
+            if (self.prompt_field is None) == (self.messages_field is None):
+                raise ValueError("task=dataset needs exactly one of data.prompt_field (plain text) or "
+                                 "data.messages_field (chat conversations)")
         return self
 
 
@@ -122,6 +205,11 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(16, ge=1, le=32768, description="Completion length cap.")
     temperature: float = Field(1.0, gt=0.0, le=4.0, description="Sampling temperature (1 = on-policy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = on-policy).")
+    stop_tokens: list[str] | None = Field(
+        None,
+        description="Tokens that end a completion besides EOS, each one token of the student's vocabulary (e.g. "
+        "[\"<|im_end|>\"]). null: EOS, plus the chat template's end-of-turn token when prompts are conversations.",
+    )
 
 
 class LossConfig(_Section):
@@ -154,6 +242,11 @@ class LossConfig(_Section):
     alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="soft_targets: weight of the soft (KL) term; 1 - alpha on the hard labels."
     )
+    mask_truncated: bool = Field(
+        False,
+        description="Leave completions that hit rollout.max_new_tokens without a stop token out of the loss "
+        "(they are still counted in truncated_frac).",
+    )
 
 
 class OptimConfig(_Section):
@@ -169,6 +262,9 @@ class OptimConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr as a fraction of lr.")
     micro_batch_size: int = Field(
         64, ge=1, le=65536, description="Sequences per forward/backward; gradients accumulate over a step."
+    )
+    loss_scaling: bool = Field(
+        False, description="Dynamic loss scaling (torch GradScaler), which a float16 student needs."
     )
 
 
@@ -193,6 +289,17 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(100, ge=0, le=1_000_000, description="Checkpoint every N steps (0: only at the end).")
     keep: int = Field(2, ge=1, le=1000, description="How many step checkpoints to keep.")
+
+
+class LoggingConfig(_Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [],
+        description="Experiment trackers that get every metrics.jsonl record: `tensorboard` (event files in "
+        "<output_dir>/tensorboard), `wandb` (offline unless WANDB_API_KEY or WANDB_MODE says otherwise), `mlflow` "
+        "(a file store in <output_dir>/mlruns unless MLFLOW_TRACKING_URI is set). Needs `pip install "
+        "onpolicy[trackers]`.",
+    )
+    project: str = Field("onpolicy", min_length=1, max_length=128, description="wandb project / mlflow experiment.")
 
 
 class ResourcesConfig(_Section):
@@ -239,6 +346,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def threads(self) -> dict[str, int]:
         """`resources.threads` for this run on this machine (rollout / teacher / learner)."""
@@ -248,6 +356,9 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         if self.loss.kind not in ("reverse_kl", "sft") and self.teacher.top_k == 0:
             raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k: set teacher.top_k > 0")
+        if self.model.dtype == "float16" and not self.optim.loss_scaling:
+            raise ValueError("model.dtype=float16 needs loss scaling (its gradients underflow without it): set "
+                             "optim.loss_scaling=true, or use model.dtype=bfloat16")
         return self
 
 

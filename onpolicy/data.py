@@ -1,8 +1,9 @@
 """Prompt sources: where training prompts and the held-out splits come from.
 
 `addition` is the embedded toy task; `jsonl` reads `{"prompt", "answer"?, "split"?}` lines
-(split is `train` (default), `heldout` or `ood`). Every example is checked by exact match of
-the decoded completion against its answer.
+(split is `train` (default), `heldout` or `ood`); `dataset` reads anything the `datasets` library
+does, plain text or chat conversations (`onpolicy.data_sources`). Every example with an answer is
+checked by exact match of the decoded completion against it.
 
 Everything is checked when the source is built, before any engine starts: each file line (an
 object, a non-empty `prompt` string, a known split; errors name file:line), and, with
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from onpolicy.chat import render_ids
 from onpolicy.config import DataConfig, EvalConfig
+from onpolicy.data_sources import DatasetSource
 from onpolicy.toy.task import AdditionTask
 from onpolicy.types import Example
 
@@ -42,6 +45,10 @@ class PromptSource:
             # The longest training prompt the task can draw (both operands at max_digits).
             self._longest = [Example(prompt=f"{'9' * data.max_digits}+{'9' * data.max_digits}=", answer="")]
             self._make_stream = lambda: task.train_stream(seed, exclude=self.heldout)
+        elif data.task == "dataset":
+            ds = DatasetSource(data, evalc.num_prompts, seed)
+            self.heldout, self.ood, self._train, self._longest = ds.heldout, [], ds.train, []
+            self._make_stream = lambda: filter(self._short_enough, ds.stream())
         else:
             train, heldout, ood = read_prompts_file(Path(data.prompts_path or ""))
             self.heldout = heldout[: evalc.num_prompts]
@@ -49,6 +56,8 @@ class PromptSource:
             self._train = train
             self._longest = []
             self._make_stream = lambda: itertools.cycle(self._train)
+        self._too_long: Callable[[Example], bool] | None = None  # streamed training prompts, checked when drawn
+        self._limit = ""
         self._stream: Iterator[Example] = self._make_stream()
         self.drawn = 0
         self.advance(skip)
@@ -65,6 +74,21 @@ class PromptSource:
     def batch(self, n: int) -> list[Example]:
         return [self.next() for _ in range(n)]
 
+    @property
+    def chat(self) -> bool:
+        """Whether prompts are conversations (rendered with the chat template)."""
+        return self.data.task == "dataset" and self.data.messages_field is not None
+
+    def _short_enough(self, e: Example) -> bool:
+        """(A streamed split's training prompts are length-checked as they are drawn.)"""
+        if self._too_long is None or not self._too_long(e):
+            return True
+        if not self.data.skip_long_prompts:
+            raise ValueError(f"a streamed training prompt is longer than {self._limit}: {e.prompt[:80]!r}; "
+                             "set data.skip_long_prompts=true to drop such prompts (they are counted)")
+        self.skipped_long += 1
+        return False
+
     def check_lengths(self, tokenizer, max_prompt_tokens: int, limit_by: str) -> None:
         """Refuse (or, with `data.skip_long_prompts`, drop and count) prompts over `max_prompt_tokens`.
 
@@ -73,7 +97,7 @@ class PromptSource:
             raise RuntimeError("check_lengths must run before the first prompt is drawn")
 
         def too_long(e: Example) -> bool:
-            return len(tokenizer(e.prompt)["input_ids"]) > max_prompt_tokens
+            return len(prompt_ids(tokenizer, e)) > max_prompt_tokens
 
         named = [("training", self._train if self._train is not None else self._longest),
                  ("held-out", self.heldout), ("ood", self.ood)]
@@ -82,7 +106,7 @@ class PromptSource:
             if not long:
                 continue
             if not self.data.skip_long_prompts or examples is self._longest:
-                n = len(tokenizer(long[0].prompt)["input_ids"])
+                n = len(prompt_ids(tokenizer, long[0]))
                 raise ValueError(
                     f"{len(long)} {split} prompt(s) are longer than {max_prompt_tokens} tokens ({limit_by}); the "
                     f"first has {n} tokens: {long[0].prompt[:80]!r}. Shorten them, lower rollout.max_new_tokens, "
@@ -93,6 +117,10 @@ class PromptSource:
             examples[:] = keep
         if self._train is not None and not self._train:
             raise ValueError(f"no training prompt is {max_prompt_tokens} tokens or shorter ({limit_by})")
+        if self._train is None and not self._longest:  # a streamed split: its prompts are checked when drawn
+            previous = self._too_long
+            self._too_long = lambda e: too_long(e) or (previous is not None and previous(e))
+            self._limit = f"{max_prompt_tokens} tokens ({limit_by})"
         self._stream = self._make_stream()
 
 
@@ -125,10 +153,18 @@ def read_prompts_file(path: Path) -> tuple[list[Example], list[Example], list[Ex
     return splits["train"], splits["heldout"], splits["ood"]
 
 
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """The token ids the student samples from (and the teacher scores): a conversation rendered with the
+    tokenizer's chat template, ready for the assistant's turn; plain text tokenized as it is."""
+    if example.messages is not None:
+        return render_ids(tokenizer, [{"role": r, "content": c} for r, c in example.messages])
+    return list(tokenizer(example.prompt)["input_ids"])
+
+
 def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:
-    return [list(tokenizer(e.prompt)["input_ids"]) for e in examples]
+    return [prompt_ids(tokenizer, e) for e in examples]
 
 
 def exact_match(tokenizer, completion_ids: list[int], example: Example) -> bool:
     text = tokenizer.decode(completion_ids, skip_special_tokens=True)
-    return text.strip() == example.answer.strip()
+    return example.answer is not None and text.strip() == example.answer.strip()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onpolicy.chat import compare_chat_templates, load_student_tokenizer, stop_token_ids
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.heldout import eval_seed, evaluate, score_rollouts
@@ -41,6 +42,7 @@ from onpolicy.rollout.pool import (
     push_weights_async,
 )
 from onpolicy.status import RunStatus, write_status
+from onpolicy.trackers import check_trackers, open_trackers
 
 STAGES = ("rollout", "score", "learn", "push")
 
@@ -101,7 +103,6 @@ class Run:
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, show_progress: bool = True):
         import ray
-        from transformers import AutoTokenizer
 
         from onpolicy.learner.actor import make_learner_actor
         from onpolicy.ray_utils import init_ray
@@ -121,9 +122,14 @@ class Run:
         self.teacher_tokens = 0  # prompt + completion tokens the teacher scored or generated for training
         self.objective = get_objective(cfg.loss.kind)
         self.student_path = str(require_model_dir(cfg.model.student, "student"))
-        # The data is read and checked against the student before anything starts.
+        check_trackers(cfg.logging.report_to)  # a missing optional package fails here, before any engine
+        # The data is read and checked against the student (and its chat template against a local
+        # teacher's) before anything starts.
+        self.tokenizer = load_student_tokenizer(self.student_path, cfg.data.chat_template)
         self.source = PromptSource(cfg.data, cfg.eval, cfg.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
+        if self.source.chat and cfg.data.check_chat_template:
+            self._check_chat_template()
+        self.stop = {"stop_token_ids": stop_token_ids(self.tokenizer, cfg.rollout.stop_tokens, self.source.chat)}
         self._check_prompt_lengths("student", model_max_len(self.student_path))
         try:
             init_ray()
@@ -144,8 +150,10 @@ class Run:
                 self.step = state["step"]
                 self.source.advance(state["prompts_drawn"])
                 push_weights(self.learner.weight_update.remote(), self.workers)
+            trackers = open_trackers(cfg.logging.report_to, self.out, project=cfg.logging.project,
+                                     run_name=cfg.name, config=cfg.model_dump(mode="json"))
             self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=show_progress,
-                                  start_step=self.step)
+                                  start_step=self.step, trackers=trackers)
             if ckpt is not None:
                 self.log.message(f"resumed from {ckpt} at step {self.step}")
             if self.source.skipped_long:
@@ -154,6 +162,19 @@ class Run:
         except BaseException:
             self.close()
             raise
+
+    def _check_chat_template(self) -> None:
+        """Refuse a local teacher whose own chat template renders a probe conversation to other token ids than
+        the student's (a remote teacher publishes no template: not checked)."""
+        from onpolicy.teacher.factory import local_teacher_dir
+        from onpolicy.teacher.fingerprint import TeacherIncompatible, load_tokenizer
+
+        teacher_dir = local_teacher_dir(self.cfg.teacher)
+        if teacher_dir is None:
+            return
+        problem = compare_chat_templates(self.tokenizer, load_tokenizer(teacher_dir))
+        if problem:
+            raise TeacherIncompatible(problem)
 
     def _check_prompt_lengths(self, whose: str, max_len: int | None) -> None:
         if max_len is None:
@@ -192,7 +213,8 @@ class Run:
         sample = {"n": r.samples_per_prompt, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
                       "top_p": r.top_p, "seed": self.cfg.seed * 1_000_003 + index * 7919}
         if student_samples(self.objective, self.cfg.loss.lmbda, self.cfg.seed, index):
-            job = self._scorer.submit(self._sample_and_score, launch_generate(self.workers, prompts, **sample))
+            job = self._scorer.submit(self._sample_and_score,
+                                      launch_generate(self.workers, prompts, **sample, **self.stop))
         else:
             job = self._scorer.submit(self._teacher_sample_and_score, prompts, sample)
         self.pending.append(Pending(len(examples), job))
@@ -275,7 +297,8 @@ class Run:
                        teacher_sampled=int(bool(rollouts) and rollouts[0].source == "teacher"),
                        teacher_tokens_processed=self.teacher_tokens,
                        policy_lag_mean=sum(lags) / max(len(lags), 1), policy_lag_max=max(lags, default=0),
-                       stale_dropped=len(lags) - len(keep))
+                       stale_dropped=len(lags) - len(keep),
+                       skipped_long_prompts=self.source.skipped_long)
         metrics.update({f"teacher_{key}": v for key, v in self.teacher.usage().items()})
         self.log.train(self.step, metrics)
         return metrics
@@ -287,7 +310,7 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         res = evaluate(self.workers, self.teacher, self.tokenizer, self.source.heldout, self.source.ood,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed))
+                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed), stop=self.stop)
         self.log.eval(self.step, res)
         return res
 

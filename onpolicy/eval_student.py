@@ -7,8 +7,7 @@ from onpolicy.config import RunConfig
 
 
 def eval_student(cfg: RunConfig, student_dir: str) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
+    from onpolicy.chat import load_student_tokenizer, stop_token_ids
     from onpolicy.data import PromptSource
     from onpolicy.heldout import eval_seed, evaluate
     from onpolicy.model_dir import require_model_dir
@@ -23,8 +22,10 @@ def eval_student(cfg: RunConfig, student_dir: str) -> dict[str, float]:
     try:
         workers = make_rollout_workers(1, student, cfg)
         source = PromptSource(cfg.data, cfg.eval, cfg.seed)
-        return evaluate(workers, teacher, AutoTokenizer.from_pretrained(student), source.heldout, source.ood,
-                        max_new_tokens=cfg.rollout.max_new_tokens, seed=eval_seed(cfg.seed))
+        tokenizer = load_student_tokenizer(student, cfg.data.chat_template)
+        stop = {"stop_token_ids": stop_token_ids(tokenizer, cfg.rollout.stop_tokens, source.chat)}
+        return evaluate(workers, teacher, tokenizer, source.heldout, source.ood,
+                        max_new_tokens=cfg.rollout.max_new_tokens, seed=eval_seed(cfg.seed), stop=stop)
     finally:
         import ray
 

@@ -120,14 +120,39 @@ def _linear_modules(src: Path, tensors: dict[str, Any]) -> tuple[list[str], list
     return linear, ignore
 
 
-def export_student(student_dir: str | Path, out_dir: str | Path, *, quantize: str | None = None) -> Path:
+def _require_adapter(adapter_dir: str | Path, base: str | Path | None) -> tuple[Path, dict, Path]:
+    """(The LoRA adapter folder, its adapter_config.json, the base model folder), or ValueError saying what to fix."""
+    from onpolicy.learner.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    folder = Path(adapter_dir)
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"--merge needs a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}, e.g. a "
+                         f"LoRA run's checkpoint): {folder} has not both")
+    adapter_cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = base or adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / ADAPTER_CONFIG} names no base model: pass --base MODEL_DIR")
+    return folder, adapter_cfg, Path(base)
+
+
+def export_student(student_dir: str | Path, out_dir: str | Path, *, quantize: str | None = None,
+                   merge: bool = False, base: str | Path | None = None) -> Path:
     """Write `out_dir`: the student as a safetensors Hugging Face folder, quantized if `quantize` names a
-    scheme in `QUANTIZERS`; config.json, tokenizer and generation_config are carried over. Bad input
-    (unknown scheme, not a model folder, an `out_dir` in use) is refused with ValueError before anything
-    is read or written. Returns the resolved `out_dir`.
+    scheme in `QUANTIZERS`; config.json, tokenizer and generation_config are carried over. With `merge`,
+    `student_dir` is a LoRA adapter folder (a LoRA run's checkpoint) and the export is its base model
+    (`base`, else the one adapter_config.json names) with the adapter merged in: W + (alpha / r) B A.
+    Bad input (unknown scheme, not a model folder, an `out_dir` in use) is refused with ValueError before
+    anything is read or written. Returns the resolved `out_dir`.
     """
     if quantize is not None and quantize not in QUANTIZERS:
         raise ValueError(f"unknown --quantize {quantize!r}: choose one of {sorted(QUANTIZERS)} or leave it out")
+    adapter = None
+    if merge:
+        adapter = _require_adapter(student_dir, base)
+        student_dir = adapter[2]
+    elif (Path(student_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"{student_dir} is a LoRA adapter (adapter_config.json), not a model folder: "
+                         "add --merge to export its base model with the adapter merged in")
     src, config, files = _require_student(student_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -141,7 +166,11 @@ def export_student(student_dir: str | Path, out_dir: str | Path, *, quantize: st
     tensors: dict[str, Any] = {}
     for f in files:
         tensors.update(load_file(f))
-    # Steps that change weights and config go here, in order (e.g. merging a LoRA adapter, before quantizing).
+    # Steps that change weights and config go here, in order: merging a LoRA adapter, then quantizing.
+    if adapter is not None:
+        from onpolicy.learner.lora import ADAPTER_WEIGHTS, merge_lora
+
+        tensors.update(merge_lora(tensors, load_file(adapter[0] / ADAPTER_WEIGHTS), adapter[1]))
     if quantize:
         linear, ignore = _linear_modules(src, tensors)
         tensors, config["quantization_config"] = QUANTIZERS[quantize](tensors, linear, ignore)

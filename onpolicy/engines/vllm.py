@@ -143,8 +143,11 @@ def derive_seed(seed: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def score_with_llm(llm: Any, items: Sequence[ScoreRequestItem], top_k: int = 0) -> list[TeacherScores]:
-    """Score completions with any vLLM `LLM` through `prompt_logprobs` (shared with the teacher)."""
+def score_with_llm(
+    llm: Any, items: Sequence[ScoreRequestItem], top_k: int = 0, lora_request: Any = None
+) -> list[TeacherScores]:
+    """Score completions with any vLLM `LLM` through `prompt_logprobs` (shared with the teacher); with
+    `lora_request`, under that LoRA adapter."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -157,6 +160,7 @@ def score_with_llm(llm: Any, items: Sequence[ScoreRequestItem], top_k: int = 0) 
         ],
         params,
         use_tqdm=False,
+        lora_request=lora_request,
     )
     scores = [prompt_logprobs_to_scores(it, None, top_k) if not it.completion_ids else None for it in items]
     for i, out in zip(todo, outs):
@@ -182,8 +186,10 @@ def make_llm(
     threads_bind: str = "nobind",
     max_model_len: int | None = None,
     max_logprobs: int = 20,
+    lora_rank: int | None = None,
 ) -> tuple[Any, EngineLimits]:
-    """An in-process vLLM `LLM` over a model folder (eager, one process), and its limits."""
+    """An in-process vLLM `LLM` over a model folder (eager, one process), and its limits. With
+    `lora_rank`, it serves one LoRA adapter of at most that rank (vLLM's CPU punica kernels do)."""
     path = require_model_dir(model_path)
     # setdefault: an actor's runtime_env (or the user) may already have chosen these.
     for key, value in vllm_env(kv_cache_gib, threads_bind).items():
@@ -198,6 +204,7 @@ def make_llm(
         max_model_len=max_model_len,
         max_logprobs=max_logprobs,
         distributed_executor_backend="uni",
+        **({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}),
     )
     cfg = llm.llm_engine.model_config
     return llm, EngineLimits(cfg.get_vocab_size(), int(cfg.max_model_len), int(cfg.max_logprobs))

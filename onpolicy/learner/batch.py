@@ -111,9 +111,12 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
 
 
 def build_batch(
-    rollouts: list[Rollout], scores: list[TeacherScores], *, pad_id: int, with_topk: bool = False
+    rollouts: list[Rollout], scores: list[TeacherScores], *, pad_id: int, with_topk: bool = False,
+    mask_truncated: bool = False,
 ) -> LearnBatch:
-    """Pad rollouts + teacher scores into a `LearnBatch`.
+    """Pad rollouts + teacher scores into a `LearnBatch`. With `mask_truncated` (loss.mask_truncated), a
+    completion cut at the length cap (`finish_reason` length) gets an all-zero mask: out of the loss, its
+    normaliser and the advantage baseline alike.
 
     Raises ValueError when the lists differ in length, when a teacher gives a different number of
     log-probs (or top-k rows) than the completion has tokens, or when `with_topk` is set and a
@@ -135,6 +138,10 @@ def build_batch(
                     f"returned {len(s.top_k)} top-k rows"
                 )
     packed = pack_sequences([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id)
+    if mask_truncated:
+        for b, r in enumerate(rollouts):
+            if r.finish_reason == "length":
+                packed.mask_BL[b] = 0.0
     B, L = packed.input_ids_BL.shape
     sampler = torch.zeros((B, L), dtype=torch.float32)
     teacher = torch.zeros((B, L), dtype=torch.float32)

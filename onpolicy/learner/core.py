@@ -2,6 +2,12 @@
 
 `self.step` is the policy version the learner holds: 0 = the initial weights, and each
 `train_step` produces version step + 1. The Ray actor in `actor.py` only forwards to this class.
+
+Dtypes: trainable weights and the AdamW state stay float32 whatever `model.dtype` says (the master
+weights); with bfloat16/float16 the forward runs under autocast in that dtype, which matches the
+engines serving the student in it, and the weight push sends it. Log-softmax is always float32.
+float16 also scales the loss (`optim.loss_scaling`). A LoRA student (`model.lora`) keeps its frozen
+base in `model.dtype` and trains only the float32 adapter, which is also all a push sends.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import torch
 
 from onpolicy.config import RunConfig
+from onpolicy.learner import lora as lora_lib
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
 from onpolicy.learner.losses import sampled_kl_metrics, token_advantages
 from onpolicy.learner.objectives import LossInputs, get_objective
@@ -48,17 +55,31 @@ class Learner:
         self.device = resolve_device(device if device is not None else cfg.resources.learner_device)
         self.total_steps = total_steps if total_steps is not None else cfg.schedule.steps
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[cfg.model.dtype])
+        self.lora = cfg.model.lora
+        dtype = _DTYPES[cfg.model.dtype]
+        # Weights that train are float32 masters; a LoRA student's frozen base may sit in the compute dtype.
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if self.lora else torch.float32)
+        if self.lora is not None:
+            self.model = lora_lib.wrap_lora(self.model, self.lora, str(path))
         self.model.to(self.device)
         # Eval mode throughout: the importance ratio compares against a sampler without dropout.
         self.model.eval()
+        self.autocast_dtype = None if dtype == torch.float32 else dtype
+        self.push_dtype = dtype  # what the engines serve
         self.pad_id = self._pad_id()
         o = cfg.optim
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+            self.trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
         )
+        self.scaler = torch.amp.GradScaler(self.device.type) if o.loss_scaling else None
         self.objective = get_objective(cfg.loss.kind)
         self.step = 0
+        # Bytes a push sends (sizes only, nothing copied), and what sending every weight would.
+        full = self.model.state_dict() if self.lora is None else lora_lib.base_tensors(self.model)
+        self.full_push_bytes = sum(t.numel() for t in full.values()) * self.push_dtype.itemsize
+        self.push_bytes = self.full_push_bytes if self.lora is None else self.push_dtype.itemsize * sum(
+            p.numel() for p in self.trainable)
 
     def _pad_id(self) -> int:
         for tok_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
@@ -69,8 +90,17 @@ class Learner:
     # ----- training -----------------------------------------------------------------------------
 
     def _forward_logits(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False)
+        """Logits in float32 (the forward itself under autocast when the student is bf16/fp16)."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False)
         return out.logits.float()
+
+    def _set_lora_dropout(self, on: bool) -> None:
+        """LoRA dropout acts only in the gradient forward; scoring and the ratio's log-probs never see it."""
+        if self.lora is not None and self.lora.dropout > 0:
+            for name, module in self.model.named_modules():
+                if name.endswith(".lora_dropout.default"):
+                    module.train(on)
 
     def _micro_batch_loss(self, mb: LearnBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch divided by the WHOLE batch's normaliser, and the learner's
@@ -88,7 +118,8 @@ class Learner:
         Each micro-batch's loss is divided by the whole batch's token (or sequence) count, so the
         summed gradient equals the gradient of the single-big-batch loss. Returns the loss and the
         sampled-token metrics; does not step the optimizer."""
-        batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk)
+        batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk,
+                            mask_truncated=self.cfg.loss.mask_truncated)
         lc = self.cfg.loss
         batch.advantages_BL = token_advantages(batch.sampler_logprobs_BL, batch.teacher_logprobs_BL, batch.mask_BL,
                                                kl_coef=lc.kl_coef, gamma=lc.gamma, baseline=lc.baseline)
@@ -99,12 +130,16 @@ class Learner:
         total_loss = 0.0
         learner_lp_BL = torch.zeros_like(batch.mask_BL)
         row = 0
-        for mb in split_micro_batches(batch, self.cfg.optim.micro_batch_size):
-            loss, lp_BL = self._micro_batch_loss(mb.to(self.device), normalizer)
-            loss.backward()
-            total_loss += loss.item()
-            learner_lp_BL[row : row + mb.num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
-            row += mb.num_sequences
+        self._set_lora_dropout(True)
+        try:
+            for mb in split_micro_batches(batch, self.cfg.optim.micro_batch_size):
+                loss, lp_BL = self._micro_batch_loss(mb.to(self.device), normalizer)
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                total_loss += loss.item()
+                learner_lp_BL[row : row + mb.num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
+                row += mb.num_sequences
+        finally:
+            self._set_lora_dropout(False)
         metrics = sampled_kl_metrics(
             learner_lp_BL,
             batch.sampler_logprobs_BL,
@@ -122,11 +157,18 @@ class Learner:
             raise ValueError("train_step needs at least one rollout")
         start = time.perf_counter()
         metrics = self.compute_gradients(rollouts, scores)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
         lr = lr_at(self.step, self.cfg.optim, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step when the scaled gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            metrics["loss_scale"] = float(self.scaler.get_scale())
         self.optimizer.zero_grad(set_to_none=True)
         lengths = [len(r.completion_ids) for r in rollouts]
         metrics.update(
@@ -135,6 +177,8 @@ class Learner:
             policy_lag=self.step - sum(r.policy_version for r in rollouts) / len(rollouts),
             completion_len_mean=sum(lengths) / len(lengths),
             truncated_frac=sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            push_bytes=float(self.push_bytes),
+            full_push_bytes=float(self.full_push_bytes),
         )
         self.step += 1
         metrics["learn_seconds"] = time.perf_counter() - start
@@ -142,17 +186,33 @@ class Learner:
 
     # ----- weights and scoring ------------------------------------------------------------------
 
-    def weights(self) -> list[tuple[str, torch.Tensor]]:
-        """(Hugging Face parameter name, detached contiguous CPU copy) for every state-dict entry;
-        the names vLLM's `load_weights` accepts (`model.layers.0.self_attn.q_proj.weight`, ...).
-        Copies, so a snapshot does not change when training goes on."""
+    def _hf_tensors(self) -> dict[str, torch.Tensor]:
+        """The student's weights under Hugging Face names, the adapter merged in (a LoRA student)."""
+        if self.lora is None:
+            return self.model.state_dict()
+        base = lora_lib.base_tensors(self.model)
+        merged = lora_lib.merge_lora(base, dict(lora_lib.adapter_tensors(self.model)), self.adapter_config())
+        return {**base, **merged}
+
+    def adapter_config(self) -> dict:
+        return lora_lib.adapter_config(self.model)
+
+    def weights(self, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+        """(Hugging Face parameter name, detached contiguous CPU copy, in `dtype` if given) for every
+        state-dict entry, a LoRA adapter merged in; the names vLLM's `load_weights` accepts
+        (`model.layers.0.self_attn.q_proj.weight`, ...). Copies, so a snapshot does not change when
+        training goes on."""
         return [
-            (name, t.detach().to("cpu", copy=True).contiguous())
-            for name, t in self.model.state_dict().items()
+            (name, t.detach().to("cpu", dtype=dtype, copy=True).contiguous())
+            for name, t in self._hf_tensors().items()
         ]
 
     def weight_update(self) -> WeightUpdate:
-        return WeightUpdate(version=self.step, tensors=self.weights())
+        """What a push sends, in the engines' dtype: every weight, or a LoRA student's adapter alone."""
+        if self.lora is not None:
+            return WeightUpdate(version=self.step, tensors=lora_lib.adapter_tensors(self.model, self.push_dtype),
+                                adapter_config=self.adapter_config())
+        return WeightUpdate(version=self.step, tensors=self.weights(self.push_dtype))
 
     @torch.no_grad()
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
@@ -179,8 +239,21 @@ class Learner:
     # ----- checkpoints --------------------------------------------------------------------------
 
     def save_model(self, path: str | os.PathLike) -> None:
-        """The student as a Hugging Face folder (weights, config, tokenizer)."""
+        """The student as a Hugging Face folder (weights, config, tokenizer); a LoRA student merged."""
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora is None:
+            self.model.save_pretrained(str(path))
+        else:
+            self.model.get_base_model().save_pretrained(str(path), state_dict=self._hf_tensors())
+        self.tokenizer.save_pretrained(str(path))
+
+    def _save_trained(self, path: Path) -> None:
+        """What a checkpoint holds besides the trainer state: the HF folder, or a LoRA student's adapter
+        (PEFT's files, naming the base model) and tokenizer; `onpolicy export --merge` merges one."""
+        if self.lora is None:
+            self.save_model(path)
+            return
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
@@ -193,10 +266,11 @@ class Learner:
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.save_model(tmp)
+        self._save_trained(tmp)
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -218,11 +292,21 @@ class Learner:
         path = Path(path)
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"no {TRAINER_STATE} in checkpoint folder: {path}")
-        loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[self.cfg.model.dtype])
-        self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
-        del loaded
+        if self.lora is not None:
+            from safetensors.torch import load_file
+
+            if not (path / lora_lib.ADAPTER_WEIGHTS).is_file():
+                raise FileNotFoundError(f"no {lora_lib.ADAPTER_WEIGHTS} in checkpoint folder {path}: it was not "
+                                        "written by a LoRA student (model.lora must match the run that wrote it)")
+            lora_lib.load_adapter_tensors(self.model, load_file(str(path / lora_lib.ADAPTER_WEIGHTS)))
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
+            del loaded
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # tensors and plain data only
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():

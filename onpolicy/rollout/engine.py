@@ -21,6 +21,8 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.dtype = llm_kwargs.get("dtype", "float32")
         self.version = 0
+        self.lora_request: Any = None  # the adapter served on top of the base weights (a LoRA student)
+        self._lora_dir: Path | None = None
 
     def generate(
         self,
@@ -31,8 +33,12 @@ class VLLMEngine:
         temperature: float,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> list[Rollout]:
         """`n` completions per prompt, grouped by prompt; `prompt_index` indexes `prompts`.
+
+        A completion ends at EOS, at any of `stop_token_ids` (kept as its last token, `finish_reason`
+        stop), or at `max_new_tokens` (`finish_reason` length).
 
         With `seed`, sampling is reproducible (prompt i uses `derive_seed(seed, i)`); two
         calls with the same seed and prompts give the same completions, so give each worker
@@ -53,26 +59,60 @@ class VLLMEngine:
                 logprobs=0,
                 seed=None if seed is None else derive_seed(seed, i),
                 detokenize=False,
+                stop_token_ids=stop_token_ids,
             )
 
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
             [params(i) for i in range(len(prompts))],
             use_tqdm=False,
+            lora_request=self.lora_request,
         )
         return outputs_to_rollouts(prompts, outs, policy_version=self.version)
 
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
         """Log-probs the served weights give each completion token (checks a weight push)."""
-        return [s.logprobs for s in score_with_llm(self.llm, items)]
+        if self.lora_request is None:
+            return [s.logprobs for s in score_with_llm(self.llm, items)]
+        # vLLM applies its LoRA logits mapping per request, not per prompt position, so prompt_logprobs of
+        # several requests at once fail under an adapter (vllm-project/vllm#16668): one request at a time.
+        return [score_with_llm(self.llm, [it], lora_request=self.lora_request)[0].logprobs for it in items]
 
     def load_weights(self, update: WeightUpdate) -> int:
-        """Load the learner's weights in place, drop the prefix cache, serve `update.version`."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(update.tensors)})
+        """Load the learner's weights in place (or hot-load its LoRA adapter), drop the prefix cache,
+        serve `update.version`."""
+        if update.adapter_config is not None:
+            self._load_adapter(update)
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(update.tensors)})
         # Cached KV blocks were computed by the old weights: reusing them would be wrong.
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version
+
+    def _load_adapter(self, update: WeightUpdate) -> None:
+        """Serve the adapter as a new LoRA (id = version + 1: vLLM caches adapters by id) and drop the old
+        one. vLLM reads adapters from a folder (and checks it again on each request), so it is written to a
+        local temporary one that lives until the next version replaces it."""
+        import json
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._lora_dir is None:
+            self._lora_dir = Path(tempfile.mkdtemp(prefix="onpolicy-lora-"))
+        folder = self._lora_dir / f"v{update.version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(dict(update.tensors), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(update.adapter_config))
+        new = LoRARequest(f"student-v{update.version}", update.version + 1, str(folder), load_inplace=True)
+        self.llm.llm_engine.add_lora(new)
+        old, self.lora_request = self.lora_request, new
+        if old is not None and old.lora_int_id != new.lora_int_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -78,6 +78,7 @@ def make_rollout_workers(
             model_path,
             threads=cfg.threads()["rollout"],
             dtype=cfg.model.dtype,
+            lora_rank=cfg.model.lora.rank if cfg.model.lora is not None else None,
             seed=cfg.seed + i,
             kv_cache_gib=res.vllm_kv_cache_gib,
             threads_bind=res.vllm_threads_bind,

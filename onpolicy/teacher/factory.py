@@ -47,6 +47,12 @@ def remote_teacher(kind: str, url: str, **client_kw: Any) -> RemoteTeacher:
     return REMOTE_KINDS[kind](url, **client_kw)
 
 
+def local_teacher_dir(tc: TeacherConfig) -> Path | None:
+    """The model folder of a local teacher (its tokenizer and chat template can be read before it starts);
+    None for a remote one."""
+    return require_model_dir(tc.model, "teacher") if tc.kind == "local" else None
+
+
 def api_key_from_env(var: str | None) -> str | None:
     """The bearer token held by environment variable `var` (None: no auth); the key never enters a config."""
     if not var:

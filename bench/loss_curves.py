@@ -1,0 +1,71 @@
+"""How fast each loss learns on the toy, without the service around it: one process, strictly on-policy.
+
+    .venv/bin/python bench/loss_curves.py NAME STEPS [key=value ...]
+    .venv/bin/python bench/loss_curves.py topk_1e-3 200 loss.kind=topk_reverse_kl optim.lr=1e-3
+
+Each step: the student samples `rollout.prompts_per_step` toy prompts with transformers `generate`
+(temperature 1, the learner's current weights), the toy teacher scores them (`HFTeacher`, top-k as in
+configs/toy.yaml), and onpolicy's `Learner` takes one step of `loss.kind`. The overrides are applied
+to configs/toy.yaml. Every 50 steps it prints the held-out greedy exact match (256 prompts) and the mean
+sampled reverse KL of the last 50 batches; at the end one `RESULT` line. Same objective code as a run,
+none of the engines: the losses are compared on learning speed per step, not on wall time (for that,
+`onpolicy train`). `THREADS=1` to share the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    import torch
+
+    from onpolicy.config import load_config
+    from onpolicy.data import PromptSource, encode_prompts
+    from onpolicy.learner.core import Learner
+    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.toy.build import build_toy_models
+    from onpolicy.toy.models import greedy_accuracy
+    from onpolicy.types import Rollout, ScoreRequestItem
+
+    name, steps, *overrides = sys.argv[1:]
+    threads = os.environ.get("THREADS", "2")
+    torch.set_num_threads(int(threads))
+    build_toy_models(REPO / "toy")
+    cfg = load_config(REPO / "configs" / "toy.yaml", [
+        f"model.student={REPO / 'toy' / 'student'}", f"teacher.model={REPO / 'toy' / 'teacher'}",
+        f"schedule.steps={steps}", "schedule.max_staleness=0", "resources.learner_device=cpu",
+        f"resources.torch_threads={threads}", *overrides])
+    torch.manual_seed(cfg.seed)
+    learner = Learner(cfg.model.student, cfg)
+    sampler = HFTeacher(cfg.model.student, batch_size=256)  # generate() with the learner's weights
+    teacher = HFTeacher(cfg.teacher.model, batch_size=256)
+    source = PromptSource(cfg.data, cfg.eval, cfg.seed)
+    t0, curve, kls = time.time(), [(0, greedy_accuracy(learner.model, source.heldout))], []
+    for step in range(1, int(steps) + 1):
+        prompts = encode_prompts(learner.tokenizer, source.batch(cfg.rollout.prompts_per_step))
+        sampler.model.load_state_dict(learner.model.state_dict())
+        gens = sampler.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, seed=step)
+        rollouts = [Rollout(prompt_ids=prompts[g.prompt_index], completion_ids=g.completion_ids,
+                            sampler_logprobs=g.logprobs, policy_version=learner.step, finish_reason=g.finish_reason)
+                    for g in gens]
+        items = [ScoreRequestItem(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids) for r in rollouts]
+        metrics = learner.train_step(rollouts, teacher.score(items, top_k=cfg.teacher.top_k))
+        kls.append(metrics["teacher_kl"])
+        if step % 50 == 0:
+            curve.append((step, greedy_accuracy(learner.model, source.heldout)))
+            print(f"{name} step {step}: held-out exact match {curve[-1][1]:.3f}, sampled reverse KL (last 50) "
+                  f"{sum(kls[-50:]) / 50:.3f}, completion length {metrics['completion_len_mean']:.2f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    print("RESULT", name, json.dumps([(s, round(a, 3)) for s, a in curve]),
+          "kl_first20", round(sum(kls[:20]) / 20, 3), "kl_last20", round(sum(kls[-20:]) / 20, 3), flush=True)
+
+
+if __name__ == "__main__":
+    main()
