@@ -278,6 +278,11 @@ class ScheduleConfig(_Section):
     max_wall_seconds: float | None = Field(
         None, gt=0, description="Stop after this much distillation wall time, whatever the step."
     )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, le=1000,
+        description="A step whose loss or gradient norm is not finite is skipped (no optimiser step, no checkpoint) "
+        "and counted; this many in a row fail the run, with its checkpoints intact.",
+    )
 
 
 class EvalConfig(_Section):

@@ -69,6 +69,31 @@ def stage_metrics(waits: dict[str, float], tokens: int, *, wall: float | None = 
     return out
 
 
+class NonFiniteSteps(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Steps skipped for a non-finite loss or gradient norm: in a row, and in all."""
+
+    streak: int = 0
+    total: int = 0
+
+    def after(self, skipped: bool) -> NonFinite:
+        return NonFinite(self.streak + 1, self.total + 1) if skipped else NonFinite(0, self.total)
+
+    def check(self, limit: int, metrics: dict[str, Any]) -> None:
+        """Raise NonFiniteSteps, naming the fix, once `limit` steps in a row were skipped."""
+        if self.streak >= limit:
+            raise NonFiniteSteps(
+                f"{self.streak} steps in a row had a non-finite loss or gradient norm (last: "
+                f"loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); nothing was applied, "
+                f"checkpoints are intact. Lower optim.lr, check the teacher's scores and the data, then resume "
+                f"(schedule.max_nonfinite_steps={limit})."
+            )
+
+
 def staleness_filter(versions: list[int], learner_version: int, max_staleness: int) -> tuple[list[int], list[int]]:
     """(indices of the rollouts to train on, the policy lag of every rollout): a rollout sampled from version
     v is `learner_version - v` updates behind; more than `max_staleness` and it is dropped."""
@@ -116,6 +141,7 @@ class Run:
         self.teacher, self.learner, self.workers, self.log = None, None, [], None
         self.pending: deque[Pending] = deque()  # steps sampled ahead (schedule.max_staleness of them)
         self.push_refs: list = []  # the last weight push, queued on every worker
+        self.nonfinite = NonFinite()  # steps skipped for a non-finite loss or gradient
         # One thread per batch in flight: each waits for its rollouts and scores them as they land.
         self._scorer = ThreadPoolExecutor(cfg.schedule.max_staleness + 1, thread_name_prefix="sample-score")
         self._lock = threading.Lock()
@@ -300,7 +326,10 @@ class Run:
                        stale_dropped=len(lags) - len(keep),
                        skipped_long_prompts=self.source.skipped_long)
         metrics.update({f"teacher_{key}": v for key, v in self.teacher.usage().items()})
+        self.nonfinite = self.nonfinite.after(bool(metrics.get("skipped_nonfinite")))
+        metrics.update(skipped_nonfinite_total=self.nonfinite.total)
         self.log.train(self.step, metrics)
+        self.nonfinite.check(self.cfg.schedule.max_nonfinite_steps, metrics)
         return metrics
 
     @property
@@ -352,7 +381,7 @@ class Run:
                 t = time.perf_counter()
                 last_eval = self.evaluate()
                 eval_seconds += time.perf_counter() - t
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not self.nonfinite.streak:
                 self.checkpoint()
             cap = cfg.schedule.max_wall_seconds
             if cap is not None and distill_seconds >= cap:

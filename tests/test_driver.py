@@ -147,3 +147,31 @@ def test_pipelined_run_never_trains_on_a_batch_more_than_k_behind(ray_session, t
     assert summary["steps"] == steps
     state = json.loads((latest_checkpoint(tmp_path) / "driver_state.json").read_text())
     assert state == {"step": steps, "prompts_drawn": steps * 32}
+
+
+def test_nonfinite_teacher_scores_skip_steps_then_fail_the_run_with_checkpoints_untouched(
+        ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path):
+    """A teacher whose weights hold a NaN: every step's loss is NaN, so no step is applied or checkpointed,
+    and the third in a row fails the run with the reason (schedule.max_nonfinite_steps=3)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from onpolicy.driver import NonFiniteSteps, train
+
+    teacher = tmp_path / "nan_teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    weights = load_file(teacher / "model.safetensors")
+    weights["lm_head.weight"][3, 0] = float("nan")
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, teacher, out, "rollout.num_workers=1", "checkpoint.every=1", "eval.every=0",
+               "schedule.steps=8")
+    with pytest.raises(NonFiniteSteps, match="3 steps in a row"):
+        train(cfg, show_progress=False)
+    status = read_status(out)
+    assert status["status"] == "failed" and "non-finite" in status["reason"]
+    train_records = read_metrics(out / "metrics.jsonl", kind="train")
+    assert [(r["skipped_nonfinite"], r["skipped_nonfinite_total"]) for r in train_records] == [
+        (1.0, 1), (1.0, 2), (1.0, 3)]
+    assert not list((out / "checkpoints").glob("step_*"))  # no skipped step was checkpointed

@@ -12,6 +12,7 @@ base in `model.dtype` and trains only the float32 adapter, which is also all a p
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -163,8 +164,13 @@ class Learner:
         lr = lr_at(self.step, self.cfg.optim, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # A non-finite loss or gradient never reaches the weights: the step is skipped and counted (the driver
+        # fails the run after schedule.max_nonfinite_steps in a row). With loss scaling the scaler does this.
+        skipped = self.scaler is None and not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm)))
+        metrics["skipped_nonfinite"] = float(skipped)
         if self.scaler is None:
-            self.optimizer.step()
+            if not skipped:
+                self.optimizer.step()
         else:  # skips the step when the scaled gradients overflowed, and adapts the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
