@@ -130,6 +130,16 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
     def _authorised(request: Request) -> bool:
         return api_key is None or request.headers.get("authorization") == f"Bearer {api_key}"
 
+    async def _next_action():
+        """The script's next action; a scripted status comes back as the response to send, a sleep is slept."""
+        action = script.next()
+        if isinstance(action, tuple) and action[0] == "status":
+            headers = action[2] if len(action) > 2 else None
+            return action, JSONResponse({"detail": f"scripted {action[1]}"}, status_code=action[1], headers=headers)
+        if isinstance(action, tuple) and action[0] == "sleep":
+            await asyncio.sleep(action[1])
+        return action, None
+
     @app.get("/v1/info")
     async def get_info(request: Request):
         script.requests["info"] += 1
@@ -143,12 +153,9 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
         if not _authorised(request):
             return JSONResponse({"detail": "bad token"}, status_code=401)
         req = ScoreRequest.model_validate(await request.json())
-        action = script.next()
-        if isinstance(action, tuple) and action[0] == "status":
-            headers = action[2] if len(action) > 2 else None
-            return JSONResponse({"detail": f"scripted {action[1]}"}, status_code=action[1], headers=headers)
-        if isinstance(action, tuple) and action[0] == "sleep":
-            await asyncio.sleep(action[1])
+        action, refusal = await _next_action()
+        if refusal is not None:
+            return refusal
         body = _answer(req)
         if action in ("short", "nan", "missing", "no_top_k", "positive", "topk_out_of_vocab"):
             body = _break(body, action)
@@ -164,12 +171,9 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
         if not _authorised(request):
             return JSONResponse({"detail": "bad token"}, status_code=401)
         req = GenerateRequest.model_validate(await request.json())
-        action = script.next()
-        if isinstance(action, tuple) and action[0] == "status":
-            headers = action[2] if len(action) > 2 else None
-            return JSONResponse({"detail": f"scripted {action[1]}"}, status_code=action[1], headers=headers)
-        if isinstance(action, tuple) and action[0] == "sleep":
-            await asyncio.sleep(action[1])
+        action, refusal = await _next_action()
+        if refusal is not None:
+            return refusal
         body = _generated(req, info.eos_token_ids[0] if info.eos_token_ids else 2)
         if action in BROKEN_GENERATE:
             body = _break_generated(body, action, req.max_new_tokens)
