@@ -92,7 +92,8 @@ class TeacherConfig(_Section):
     )
     timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Per-request timeout for a remote teacher.")
     max_retries: int = Field(
-        4, ge=0, le=100, description="Retries of a failed request (connection errors, timeouts, 5xx, 429)."
+        4, ge=0, le=100, description="Retries of a failed request (connection errors, timeouts, 5xx, 429); "
+        "once spent, the teacher counts as down: the run is degraded and waits up to max_wait_s."
     )
     backoff_base_s: float = Field(
         0.5,
@@ -283,6 +284,11 @@ class ScheduleConfig(_Section):
         description="A step whose loss or gradient norm is not finite is skipped (no optimiser step, no checkpoint) "
         "and counted; this many in a row fail the run, with its checkpoints intact.",
     )
+    max_learner_restarts: int = Field(
+        3, ge=0, le=1000,
+        description="A learner whose process dies is restarted from the last checkpoint (the prompt stream and "
+        "the metrics rewound to match) at most this many times in a run; one more fails the run.",
+    )
 
 
 class EvalConfig(_Section):
@@ -319,6 +325,15 @@ class ResourcesConfig(_Section):
     teacher_threads: int = Field(0, ge=0, le=1024, description="CPU threads of a local teacher (0: auto).")
     learner_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device of the learner (auto: cuda if available)."
+    )
+    max_restarts: int = Field(
+        3, ge=0, le=1000,
+        description="Ray restarts of each rollout worker, local teacher and learner actor whose process dies; "
+        "the driver brings a restarted actor back up to date (weights, checkpoint) and redoes its lost work.",
+    )
+    restart_timeout_s: float = Field(
+        600.0, gt=0.0, le=86400.0,
+        description="How long the driver waits for a dead actor to come back before it creates a new one.",
     )
 
     def threads(self, cpus: int, num_workers: int, pipelined: bool) -> dict[str, int]:

@@ -62,6 +62,12 @@ class PromptSource:
         self.drawn = 0
         self.advance(skip)
 
+    def rewind(self, n: int) -> None:
+        """Back to the state after `n` prompts (a learner restarted from a checkpoint redoes the steps after it)."""
+        self._stream = self._make_stream()
+        self.drawn = 0
+        self.advance(n)
+
     def advance(self, n: int) -> None:
         """Skip `n` prompts (a resumed run continues the stream where it stopped)."""
         for _ in range(n):

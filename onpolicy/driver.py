@@ -10,13 +10,18 @@ sampling in flight; the learner's importance ratio corrects for the lag (at most
 The driver owns the actors of one run and nothing else; every piece of maths lives in the
 learner, every engine detail in the rollout/teacher packages, and the teacher, whatever its kind,
 comes from `open_teacher`. Metrics go to `<output_dir>/metrics.jsonl` (kind=train every step,
-kind=eval on the schedule).
+kind=eval on the schedule, kind=fault when an actor died and was brought back).
+
+Failures (`onpolicy.recovery`): every actor is created with Ray `max_restarts`. A rollout worker that
+dies is waited for (or re-created), given the current weights, and asked again for its part of the
+step; a local teacher is waited for and the call sent again (`ActorTeacher`); a learner is restarted
+from the last whole checkpoint, the prompt stream and the metrics rewound to it
+(`schedule.max_learner_restarts` times). A non-finite step changes nothing and is not checkpointed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections import deque
@@ -30,9 +35,19 @@ from onpolicy.chat import compare_chat_templates, load_student_tokenizer, stop_t
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.heldout import eval_seed, evaluate, score_rollouts
+from onpolicy.learner.checkpoint import rotate
 from onpolicy.learner.objectives import get_objective, student_samples
-from onpolicy.metrics import MetricsLog
+from onpolicy.metrics import MetricsLog, read_metrics
 from onpolicy.model_dir import model_max_len, require_model_dir
+from onpolicy.ray_utils import died, is_actor_death, wait_until_back
+from onpolicy.recovery import (
+    DRIVER_STATE,
+    FaultCounts,
+    TooManyRestarts,
+    check_resumable,
+    require_restored,
+    restore_checkpoint,
+)
 from onpolicy.rollout.pool import (
     Launched,
     check_push,
@@ -137,11 +152,15 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.step = 0
+        self.resumed = resume
         self.status = RunStatus.STARTING
         self.teacher, self.learner, self.workers, self.log = None, None, [], None
         self.pending: deque[Pending] = deque()  # steps sampled ahead (schedule.max_staleness of them)
         self.push_refs: list = []  # the last weight push, queued on every worker
         self.nonfinite = NonFinite()  # steps skipped for a non-finite loss or gradient
+        self.faults = FaultCounts()  # actors that died and were brought back
+        self._recover_lock = threading.Lock()
+        self._worker_pids: list[int] = []  # a pid that changed is a worker Ray restarted
         # One thread per batch in flight: each waits for its rollouts and scores them as they land.
         self._scorer = ThreadPoolExecutor(cfg.schedule.max_staleness + 1, thread_name_prefix="sample-score")
         self._lock = threading.Lock()
@@ -149,6 +168,8 @@ class Run:
         self.objective = get_objective(cfg.loss.kind)
         self.student_path = str(require_model_dir(cfg.model.student, "student"))
         check_trackers(cfg.logging.report_to)  # a missing optional package fails here, before any engine
+        if resume:
+            check_resumable(self.out)
         # The data is read and checked against the student (and its chat template against a local
         # teacher's) before anything starts.
         self.tokenizer = load_student_tokenizer(self.student_path, cfg.data.chat_template)
@@ -162,26 +183,30 @@ class Run:
             # Checked against the student (reachable, tokenizer, EOS, top-k) before any other engine starts.
             self.teacher = open_teacher(cfg.teacher, student=self.student_path, seed=cfg.seed,
                                         resources=cfg.resources, on_state_change=self._on_teacher_state,
-                                        threads=cfg.threads()["teacher"])
+                                        on_fault=self._on_fault, threads=cfg.threads()["teacher"])
             self._check_prompt_lengths("teacher", self.teacher.info().max_model_len)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
             self.set_status(RunStatus.STARTING)
             self.learner = make_learner_actor(cfg, self.student_path)
             self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
-            ckpt = latest_checkpoint(self.out) if resume else None
-            if ckpt is not None:
-                ray.get(self.learner.load_checkpoint.remote(str(ckpt)))
-                state = json.loads((ckpt / "driver_state.json").read_text())
-                self.step = state["step"]
-                self.source.advance(state["prompts_drawn"])
+            self._worker_pids = ray.get([w.pid.remote() for w in self.workers])
+            restored = None
+            if resume:
+                restored = require_restored(restore_checkpoint(
+                    self.out / "checkpoints", lambda p: ray.get(self.learner.load_checkpoint.remote(p))), self.out)
+                self.step = restored.state["step"]
+                self.source.advance(restored.state["prompts_drawn"])
                 push_weights(self.learner.weight_update.remote(), self.workers)
             trackers = open_trackers(cfg.logging.report_to, self.out, project=cfg.logging.project,
                                      run_name=cfg.name, config=cfg.model_dump(mode="json"))
             self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=show_progress,
                                   start_step=self.step, trackers=trackers)
-            if ckpt is not None:
-                self.log.message(f"resumed from {ckpt} at step {self.step}")
+            if restored is not None:
+                self.log.rewind(self.step)  # the steps after the checkpoint are trained again: logged once
+                for path, why in restored.skipped:
+                    self.log.message(f"skipped checkpoint {path}: {why}")
+                self.log.message(f"resumed from {restored.path} at step {self.step}")
             if self.source.skipped_long:
                 self.log.message(f"skipped {self.source.skipped_long} prompts longer than the student or teacher "
                                  "accepts (data.skip_long_prompts=true)")
@@ -220,6 +245,99 @@ class Run:
             else:
                 self.set_status(RunStatus.DEGRADED,
                                 reason=f"teacher {self.cfg.teacher.url} unreachable; scoring paused")
+
+    def _on_fault(self, event: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.fault(self.step, event)
+
+    def _recover_worker(self, i: int, err: BaseException):
+        """Rollout worker i died: wait for Ray's restart (or make a new one), give it the current weights;
+        returns the live handle. Called by whoever saw the death (a sampler thread, the push check); the
+        pid tells a fresh restart from one another thread already handled."""
+        import ray
+
+        from onpolicy.rollout.worker import make_rollout_workers
+
+        with self._recover_lock:
+            t0 = time.perf_counter()
+            action = "restarted"
+            if not wait_until_back(self.workers[i], self.cfg.resources.restart_timeout_s):
+                ray.kill(self.workers[i], no_restart=True)
+                self.workers[i] = make_rollout_workers(1, self.student_path, self.cfg, seed_offset=i)[0]
+                action = "re-created"
+            worker = self.workers[i]
+            pid = ray.get(worker.pid.remote())
+            if pid == self._worker_pids[i]:
+                return worker  # already brought back by another thread
+            self._worker_pids[i] = pid
+            version = push_weights(self.learner.weight_update.remote(), [worker])[0]
+            self.faults.rollout += 1
+        self._on_fault({"actor": f"rollout_worker_{i}", "action": action, "weights_version": version,
+                        "recover_seconds": time.perf_counter() - t0, "error": type(err).__name__})
+        return worker
+
+    def _drain(self) -> None:
+        """Let the batches sampled ahead finish (their results are dropped) and forget queued pushes."""
+        import ray
+
+        for p in self.pending:
+            try:
+                p.sampled.result()
+            except Exception:  # noqa: BLE001, S110 -- dropped anyway
+                pass
+        self.pending.clear()
+        for ref in self.push_refs:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001, S110 -- the push is redone after the rewind
+                pass
+        self.push_refs = []
+
+    def _recover_learner(self, err: BaseException) -> None:
+        """The learner died: restart it (Ray's restart, or a new actor), load the last whole checkpoint (none:
+        the base student, step 0), rewind the prompt stream and the metrics to it, push its weights."""
+        import ray
+
+        from onpolicy.learner.actor import make_learner_actor
+
+        self.faults.learner += 1
+        limit = self.cfg.schedule.max_learner_restarts
+        if self.faults.learner > limit:
+            raise TooManyRestarts(f"the learner died {self.faults.learner} times (schedule.max_learner_restarts="
+                                  f"{limit}); last: {err}") from err
+        t0 = time.perf_counter()
+        self._drain()
+        action = "restarted"
+        if not wait_until_back(self.learner, self.cfg.resources.restart_timeout_s):
+            ray.kill(self.learner, no_restart=True)
+            self.learner, action = make_learner_actor(self.cfg, self.student_path), "re-created"
+        restored = restore_checkpoint(self.out / "checkpoints",
+                                      lambda p: ray.get(self.learner.load_checkpoint.remote(p)))
+        step, drawn = (restored.state["step"], restored.state["prompts_drawn"]) if restored else (0, 0)
+        lost = self.step - step
+        self.step = step
+        self.source.rewind(drawn)
+        self.nonfinite = NonFinite()
+        self.log.rewind(step)
+        push_weights(self.learner.weight_update.remote(), self.workers)
+        self._on_fault({"actor": "learner", "action": action, "checkpoint": str(restored.path) if restored else None,
+                        "steps_redone": lost, "recover_seconds": time.perf_counter() - t0,
+                        "error": type(err).__name__})
+
+    def _check_pushes(self) -> None:
+        """The previous push landed on every worker (a worker that died meanwhile is brought back and given
+        the current weights instead)."""
+        import ray
+
+        versions = []
+        for i, ref in enumerate(self.push_refs):
+            try:
+                versions.append(ray.get(ref))
+            except Exception as err:
+                if not is_actor_death(err):
+                    raise
+                self._recover_worker(i, err)
+        check_push(versions, self.step)
 
     def set_status(self, status: RunStatus, reason: str | None = None) -> None:
         self.status = status
@@ -277,17 +395,20 @@ class Run:
 
     def _sample_and_score(self, launched: Launched) -> Sampled:
         """(In a scorer thread.) Wait for the rollouts, scoring each worker's part as it arrives."""
-        parts = gather(launched, on_part=self._score)
+        parts = gather(launched, on_part=self._score, recover=self._recover_worker)
         sampled_at = max(p.arrived_at for p in parts)
         return Sampled(rollouts=[r for p in parts for r in p.rollouts],
                        scores=[s for p in parts for s in p.result[0]],
                        engine_seconds=sum(p.engine_seconds for p in parts),
                        score_seconds=sum(p.result[1] for p in parts), sampled_at=sampled_at)
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any] | None:
         """One update. With `schedule.max_staleness = k`, the batches of the next k steps are already being
         sampled (and scored) while this one learns, so the rollouts trained on are at most k versions
-        behind the learner (checked: a rollout that is not is dropped and counted)."""
+        behind the learner (checked: a rollout that is not is dropped and counted).
+
+        None when the learner died during the step: it was restarted from the last checkpoint and
+        `self.step` is now that checkpoint's."""
         import ray
 
         k = self.cfg.schedule.max_staleness
@@ -302,13 +423,19 @@ class Run:
         waits = {"rollout": min(max(done.sampled_at - t, 0.0), waited)}
         waits["score"] = waited - waits["rollout"]
         if self.push_refs:  # the previous push: done by now (the workers served it before sampling this batch)
-            check_push(ray.get(self.push_refs), self.step)
+            self._check_pushes()
         rollouts, scores = done.rollouts, done.scores
         keep, lags = staleness_filter([r.policy_version for r in rollouts], self.step, k)
         if len(keep) < len(rollouts):
             rollouts, scores = [rollouts[i] for i in keep], [scores[i] for i in keep]
         t = time.perf_counter()
-        metrics = ray.get(self.learner.train_step.remote(rollouts, scores))
+        try:
+            metrics = ray.get(self.learner.train_step.remote(rollouts, scores))
+        except Exception as err:
+            if not died(err, self.learner):
+                raise
+            self._recover_learner(err)
+            return None
         waits["learn"] = time.perf_counter() - t
         t = time.perf_counter()
         self.push_refs = push_weights_async(self.learner.weight_update.remote(), self.workers)
@@ -327,7 +454,7 @@ class Run:
                        skipped_long_prompts=self.source.skipped_long)
         metrics.update({f"teacher_{key}": v for key, v in self.teacher.usage().items()})
         self.nonfinite = self.nonfinite.after(bool(metrics.get("skipped_nonfinite")))
-        metrics.update(skipped_nonfinite_total=self.nonfinite.total)
+        metrics.update(skipped_nonfinite_total=self.nonfinite.total, **self.faults.metrics())
         self.log.train(self.step, metrics)
         self.nonfinite.check(self.cfg.schedule.max_nonfinite_steps, metrics)
         return metrics
@@ -339,21 +466,26 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         res = evaluate(self.workers, self.teacher, self.tokenizer, self.source.heldout, self.source.ood,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed), stop=self.stop)
+                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed), stop=self.stop,
+                       recover=self._recover_worker)
         self.log.eval(self.step, res)
         return res
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        """Save the learner and the driver's state as one sealed folder, then drop the oldest beyond
+        `checkpoint.keep`. None if the learner died meanwhile (restarted from the previous checkpoint)."""
         import ray
 
         path = self.out / "checkpoints" / f"step_{self.step:07d}"
-        ray.get(self.learner.save_checkpoint.remote(str(path)))
-        (path / "driver_state.json").write_text(
-            json.dumps({"step": self.step, "prompts_drawn": self.prompts_trained})
-        )
-        ckpts = sorted((self.out / "checkpoints").glob("step_*"))
-        for old in ckpts[: -self.cfg.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        state = {DRIVER_STATE: {"step": self.step, "prompts_drawn": self.prompts_trained}}
+        try:
+            ray.get(self.learner.save_checkpoint.remote(str(path), state))
+        except Exception as err:
+            if not died(err, self.learner):
+                raise
+            self._recover_learner(err)
+            return None
+        rotate(self.out / "checkpoints", self.cfg.checkpoint.keep)
         return path
 
     # ---- the loop -----------------------------------------------------------------------
@@ -367,7 +499,8 @@ class Run:
 
         cfg = self.cfg
         self.set_status(RunStatus.RUNNING)
-        first_eval = self.evaluate()
+        # A resumed run keeps its first evaluation (its "before"); a fresh one makes it.
+        first_eval = (self._first_eval() if self.resumed else None) or self.evaluate()
         distill_seconds, eval_seconds = 0.0, 0.0
         last_eval, stopped = first_eval, False
         while self.step < cfg.schedule.steps:
@@ -375,8 +508,10 @@ class Run:
                 stopped = True
                 break
             t = time.perf_counter()
-            self.train_step()
+            done = self.train_step()
             distill_seconds += time.perf_counter() - t
+            if done is None:
+                continue  # the learner went back to its last checkpoint
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.schedule.steps:
                 t = time.perf_counter()
                 last_eval = self.evaluate()
@@ -387,9 +522,10 @@ class Run:
             if cap is not None and distill_seconds >= cap:
                 self.log.message(f"stopping at step {self.step}: schedule.max_wall_seconds={cap} reached")
                 break
-        final_eval = self.evaluate() if self.step > 0 or stopped else last_eval
+        # Checkpoint first: an evaluation that fails must not lose the last steps.
         ckpt = self.checkpoint()
         ray.get(self.learner.save_model.remote(str(self.out / "student")))
+        final_eval = self.evaluate() if self.step > 0 or stopped else last_eval
         summary = {
             "steps": self.step,
             "stopped": stopped,
@@ -403,6 +539,13 @@ class Run:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.set_status(stopped_status() if stopped else RunStatus.FINISHED)
         return summary
+
+    def _first_eval(self) -> dict[str, Any] | None:
+        """The run's first evaluation, if metrics.jsonl has one (a resumed run)."""
+        evals = read_metrics(self.out / "metrics.jsonl", kind="eval")
+        if not evals:
+            return None
+        return {k: v for k, v in evals[0].items() if k not in ("kind", "step", "time")}
 
     def close(self) -> None:
         """Stop this run's actors and close the log (safe to call twice)."""
@@ -418,11 +561,6 @@ class Run:
         self._scorer.shutdown(wait=False, cancel_futures=True)
         self.workers, self.learner, self.teacher, self.log = [], None, None, None
         self.pending.clear()
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted(p for p in (out_dir / "checkpoints").glob("step_*") if (p / "driver_state.json").exists())
-    return ckpts[-1] if ckpts else None
 
 
 def train(

@@ -56,17 +56,18 @@ class SplitResult:
 
 
 def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example], *,
-                   max_new_tokens: int, seed: int, stop: dict | None = None) -> SplitResult:
-    """`stop`: extra sampling arguments that end completions (`stop_token_ids`), as in training."""
+                   max_new_tokens: int, seed: int, stop: dict | None = None, recover=None) -> SplitResult:
+    """`stop`: extra sampling arguments that end completions (`stop_token_ids`), as in training; `recover`:
+    brings a rollout worker that died back (see `rollout.pool.gather`)."""
     prompts = encode_prompts(tokenizer, examples)
     accuracy = None
     if all(e.answer is not None for e in examples):
         greedy = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
-                             **(stop or {}))
+                             recover=recover, **(stop or {}))
         correct = sum(exact_match(tokenizer, r.completion_ids, examples[r.prompt_index]) for r in greedy)
         accuracy = correct / max(len(examples), 1)
     sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
-                          **(stop or {}))
+                          recover=recover, **(stop or {}))
     scores = score_rollouts(teacher, sampled)
     kl = mean_reverse_kl(sampled, [s.logprobs for s in scores])
     mean_len = sum(len(r.completion_ids) for r in sampled) / max(len(sampled), 1)
@@ -74,7 +75,7 @@ def evaluate_split(workers, teacher: Teacher, tokenizer, examples: list[Example]
 
 
 def evaluate(workers, teacher: Teacher, tokenizer, heldout: list[Example], ood: list[Example], *,
-             max_new_tokens: int, seed: int, stop: dict | None = None) -> dict[str, float]:
+             max_new_tokens: int, seed: int, stop: dict | None = None, recover=None) -> dict[str, float]:
     """Flat metrics dict: `heldout_accuracy`, `heldout_reverse_kl`, `ood_accuracy`, `ood_reverse_kl`
     (no `*_accuracy` for a split without answers)."""
     out: dict[str, float] = {}
@@ -82,7 +83,7 @@ def evaluate(workers, teacher: Teacher, tokenizer, heldout: list[Example], ood: 
         if not examples:
             continue
         res = evaluate_split(workers, teacher, tokenizer, examples, max_new_tokens=max_new_tokens, seed=seed,
-                             stop=stop)
+                             stop=stop, recover=recover)
         if res.accuracy is not None:
             out[f"{name}_accuracy"] = res.accuracy
         out[f"{name}_reverse_kl"] = res.reverse_kl

@@ -1,14 +1,18 @@
 """Per-step metrics: one JSON line per record in the run directory, and a console progress bar.
 
-Records carry a `kind` (`train` or `eval`) so one file holds the whole time series and a
-reader (the report, later the control plane) can filter it.
+Records carry a `kind` (`train`, `eval`, or `fault`: an actor died and was brought back) so one file
+holds the whole time series and a reader (the report, the control plane) can filter it. A run that
+goes back to a checkpoint (a resume, a learner restart) first `rewind`s the file, so every step's
+train and eval records appear once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ class MetricsLog:
         self.path = Path(path)
         self.trackers = list(trackers or [])
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # faults are logged from the driver's sampler threads
         self._file = self.path.open("a", buffering=1)
         self._bar = None
         if show_progress:
@@ -42,7 +47,8 @@ class MetricsLog:
 
     def write(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"kind": kind, "step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        with self._lock:
+            self._file.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(kind, step, record)
         return record
@@ -62,6 +68,27 @@ class MetricsLog:
         line = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         self.message(f"[eval step {step}] {line}")
 
+    def fault(self, step: int, event: dict[str, Any]) -> None:
+        """An actor died and was brought back (who, what was done, how long it took)."""
+        self.write("fault", step, event)
+        self.message(f"[fault step {step}] " + "  ".join(f"{k}={v}" for k, v in event.items()))
+
+    def rewind(self, step: int) -> int:
+        """Drop the train and eval records after `step` (the run went back to the checkpoint of `step`, and
+        will log those steps again); fault records stay. Returns how many records were dropped."""
+        with self._lock:
+            self._file.close()
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            keep = [ln for ln in lines if ln.strip() and not _after(json.loads(ln), step)]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.path)
+            self._file = self.path.open("a", buffering=1)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+        return sum(1 for ln in lines if ln.strip()) - len(keep)
+
     def message(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text, file=sys.stderr)
@@ -75,6 +102,10 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+
+
+def _after(record: dict[str, Any], step: int) -> bool:
+    return record.get("kind") in ("train", "eval") and record.get("step", 0) > step
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

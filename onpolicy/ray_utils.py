@@ -62,3 +62,40 @@ def actor_class(cls: type) -> Any:
 
         _ACTOR_CLASSES[cls] = ray.remote(cls)
     return _ACTOR_CLASSES[cls]
+
+
+def is_actor_death(err: BaseException) -> bool:
+    """Whether `err` says an actor's process died (or was unreachable) before finishing a call: the
+    caller may wait for Ray to restart it and try again. A Python error raised *inside* the actor is a
+    RayTaskError instead, and is not retried."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError)
+
+
+def died(err: BaseException, handle: Any) -> bool:
+    """Whether `err` is the death of the actor behind `handle` (not of some other actor)."""
+    if not is_actor_death(err):
+        return False
+    actor_id = getattr(err, "actor_id", None)
+    if actor_id is None:
+        return True
+    return (actor_id.hex() if isinstance(actor_id, bytes) else str(actor_id)) == handle._actor_id.hex()
+
+
+def wait_until_back(handle: Any, timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Wait until the actor behind `handle` answers `ready()` again (Ray restarts an actor created with
+    `max_restarts`, re-running its constructor); False if it has not within `timeout_s` (restarts spent,
+    or its node gone): then the caller creates a new one."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.ready.remote(), timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(poll_s)
+    return False

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _onpolicy(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "onpolicy.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "onpolicy.cli", *args], check=False, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -37,3 +37,10 @@ def test_missing_model_path_is_named(tmp_path):
     res = _onpolicy("train", "configs/toy.yaml", f"model.student={missing}", f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert str(missing) in res.stderr and "student" in res.stderr
+
+
+def test_resume_without_a_checkpoint_is_an_error_before_engines_start(tmp_path):
+    res = _onpolicy("train", "configs/toy.yaml", f"output_dir={tmp_path / 'run'}", "--resume")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no checkpoint in" in res.stderr and "Start without --resume" in res.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started or written

@@ -12,7 +12,8 @@ import math
 import pytest
 
 from onpolicy.config import load_config
-from onpolicy.driver import Run, latest_checkpoint
+from onpolicy.driver import Run
+from onpolicy.learner.checkpoint import damage, step_dirs
 from onpolicy.metrics import read_metrics
 from onpolicy.status import read_status
 from onpolicy.types import ScoreRequestItem
@@ -86,8 +87,9 @@ def test_weight_push_engine_logprobs_equal_learner_logprobs(finished_run):
 
 def test_checkpoint_and_final_student_written(finished_run):
     _, summary, out = finished_run
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None and ckpt.name == f"step_{STEPS:07d}"
+    ckpt = step_dirs(out / "checkpoints")[-1]
+    assert ckpt.name == f"step_{STEPS:07d}" and damage(ckpt) is None  # sealed: marker and sizes agree
+    assert summary["checkpoint"] == str(ckpt)
     assert json.loads((ckpt / "driver_state.json").read_text())["step"] == STEPS
     assert len(list((out / "checkpoints").glob("step_*"))) == 1  # keep=1
     assert (out / "student" / "config.json").is_file()
@@ -111,7 +113,11 @@ def test_resume_continues_from_the_checkpoint(finished_run, tiny_model_dir, tiny
         run.close()
     assert summary["steps"] == STEPS + 2
     train = read_metrics(out / "metrics.jsonl", kind="train")
-    assert [r["step"] for r in train][-2:] == [STEPS + 1, STEPS + 2]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 3))  # every step once
+    # the resumed run keeps the first run's "before" instead of evaluating step 24 again
+    assert [e["step"] for e in read_metrics(out / "metrics.jsonl", kind="eval")] == [0, 12, STEPS, STEPS + 2]
+    assert summary["before"]["heldout_reverse_kl"] == read_metrics(out / "metrics.jsonl", kind="eval")[0][
+        "heldout_reverse_kl"]
 
 
 def ray_get(refs):
@@ -145,19 +151,22 @@ def test_pipelined_run_never_trains_on_a_batch_more_than_k_behind(ray_session, t
     assert all(r["overlap"] > 0 for r in train)
     assert all(math.isfinite(r["loss"]) and r["ratio_max"] >= 1.0 for r in train[k:])
     assert summary["steps"] == steps
-    state = json.loads((latest_checkpoint(tmp_path) / "driver_state.json").read_text())
+    state = json.loads((step_dirs(tmp_path / "checkpoints")[-1] / "driver_state.json").read_text())
     assert state == {"step": steps, "prompts_drawn": steps * 32}
 
 
-def test_nonfinite_teacher_scores_skip_steps_then_fail_the_run_with_checkpoints_untouched(
+def test_nonfinite_local_teacher_scores_are_refused_with_the_reason(
         ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path):
-    """A teacher whose weights hold a NaN: every step's loss is NaN, so no step is applied or checkpointed,
-    and the third in a row fails the run with the reason (schedule.max_nonfinite_steps=3)."""
+    """A local teacher whose weights hold a NaN: its scores are validated like a remote teacher's, so the
+    first step fails the run naming the sequence and token, before any number reaches the loss; no step is
+    applied or checkpointed. (A non-finite loss from the learner's own side is skipped and counted:
+    tests/test_nonfinite.py.)"""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from onpolicy.driver import NonFiniteSteps, train
+    from onpolicy.driver import train
+    from onpolicy.teacher.http import TeacherResponseError
 
     teacher = tmp_path / "nan_teacher"
     shutil.copytree(tiny_teacher_dir, teacher)
@@ -167,11 +176,9 @@ def test_nonfinite_teacher_scores_skip_steps_then_fail_the_run_with_checkpoints_
     out = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, teacher, out, "rollout.num_workers=1", "checkpoint.every=1", "eval.every=0",
                "schedule.steps=8")
-    with pytest.raises(NonFiniteSteps, match="3 steps in a row"):
+    with pytest.raises(TeacherResponseError, match=r"local teacher .*sequence \d+, token \d+: log-prob is nan"):
         train(cfg, show_progress=False)
     status = read_status(out)
-    assert status["status"] == "failed" and "non-finite" in status["reason"]
-    train_records = read_metrics(out / "metrics.jsonl", kind="train")
-    assert [(r["skipped_nonfinite"], r["skipped_nonfinite_total"]) for r in train_records] == [
-        (1.0, 1), (1.0, 2), (1.0, 3)]
-    assert not list((out / "checkpoints").glob("step_*"))  # no skipped step was checkpointed
+    assert status["status"] == "failed" and "log-prob is nan" in status["reason"]
+    assert read_metrics(out / "metrics.jsonl", kind="train") == []
+    assert not list((out / "checkpoints").glob("step_*"))

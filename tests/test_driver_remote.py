@@ -80,7 +80,8 @@ def test_teacher_killed_mid_run_then_restarted(ray_session, tiny_model_dir, tiny
 
     counting = CountingTeacher(HFTeacher(str(tiny_teacher_dir)))
     server = ServerThread(create_app(counting, model_name="tiny-teacher")).start()
-    cfg = _cfg(tiny_model_dir, tmp_path, "service", server.url, "schedule.steps=8")
+    # max_retries=1 < breaker_failures=5: spending the retries must degrade the run too, not fail it
+    cfg = _cfg(tiny_model_dir, tmp_path, "service", server.url, "schedule.steps=8", "teacher.breaker_failures=5")
     run = Run(cfg, show_progress=False)
     result: dict = {}
 

@@ -197,11 +197,11 @@ def test_429_is_retried_and_retry_after_honoured(scripted):
     assert script.requests["score"] == 2
 
 
-def test_retries_exhausted_raise_unavailable(scripted):
+def test_retries_exhausted_raise_unavailable_when_not_waiting(scripted):
     script, url = scripted
     script.default = ("status", 502)
     with (
-        ServiceTeacher(url, **{**FAST, "max_retries": 2}) as t,
+        ServiceTeacher(url, **{**FAST, "max_retries": 2, "wait_when_down": False}) as t,
         pytest.raises(TeacherUnavailable, match="3 attempts"),
     ):
         t.score(items(1))
@@ -293,6 +293,29 @@ def test_down_then_up_opens_breaker_waits_and_scores_each_batch_once():
         assert script.scored[key] == 1
     assert "open" in states and states[-1] == "closed"
     assert t.usage()["breaker_opened"] >= 1
+
+
+def test_retries_below_breaker_failures_degrade_and_recover(scripted):
+    """max_retries=2 < breaker_failures=5: spending the retries trips the breaker (degraded) and the call
+    waits for the teacher instead of failing; the teacher comes back and the call returns its scores."""
+    script, url = scripted
+    script.default = ("status", 502)
+    states: list[str] = []
+    batch = items(1)
+    result: dict = {}
+    with ServiceTeacher(url, **{**FAST, "max_retries": 2, "breaker_failures": 5, "breaker_cooldown_s": 0.1,
+                                "max_wait_s": 30.0}, on_state_change=states.append) as t:
+        th = threading.Thread(target=lambda: result.update(scores=t.score(batch)))
+        th.start()
+        deadline = time.monotonic() + 10
+        while "open" not in states and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert states[0] == "open" and th.is_alive()  # degraded after 3 attempts, still waiting
+        script.default = "ok"  # the teacher answers again
+        th.join(timeout=10)
+    assert same_scores(result["scores"], batch)
+    assert states[-1] == "closed" and script.requests["score"] >= 4
 
 
 def test_breaker_open_too_long_raises_unavailable():

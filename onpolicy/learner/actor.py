@@ -19,6 +19,14 @@ class LearnerShell:
 
         self.learner = Learner(model_path, cfg, device=device, total_steps=total_steps)
 
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def train_step(self, rollouts, scores) -> dict[str, float]:
         return self.learner.train_step(rollouts, scores)
 
@@ -28,8 +36,8 @@ class LearnerShell:
     def score(self, items) -> list[list[float]]:
         return self.learner.score(items)
 
-    def save_checkpoint(self, path: str) -> None:
-        self.learner.save_checkpoint(path)
+    def save_checkpoint(self, path: str, extra_json: dict[str, dict] | None = None) -> None:
+        self.learner.save_checkpoint(path, extra_json)
 
     def load_checkpoint(self, path: str) -> int:
         self.learner.load_checkpoint(path)
@@ -53,8 +61,11 @@ def make_learner_actor(
     **options: Any,
 ):
     """Start a learner actor and return its handle. `num_cpus` defaults to
-    `cfg.resources.learner_num_cpus`; extra keyword arguments go to `.options()` (name, ...)."""
+    `cfg.resources.learner_num_cpus`; extra keyword arguments go to `.options()` (name, ...). Ray restarts
+    it `cfg.resources.max_restarts` times from its constructor (the base student): the driver then loads
+    the last checkpoint into it."""
     cpus = cfg.resources.learner_num_cpus if num_cpus is None else num_cpus
+    options.setdefault("max_restarts", cfg.resources.max_restarts)
     return actor_class(LearnerShell).options(num_cpus=cpus, num_gpus=num_gpus, **options).remote(
         model_path, cfg, device=device, total_steps=total_steps
     )

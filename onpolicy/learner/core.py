@@ -12,16 +12,17 @@ base in `model.dtype` and trains only the float32 adapter, which is also all a p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from onpolicy.config import RunConfig
+from onpolicy.learner import checkpoint as ckpt_files
 from onpolicy.learner import lora as lora_lib
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
 from onpolicy.learner.losses import sampled_kl_metrics, token_advantages
@@ -264,14 +265,12 @@ class Learner:
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """HF folder + `trainer_state.pt` (optimizer, step, RNG), written to a temporary folder next
-        to `path` and renamed into place, so a crash never leaves a half-written checkpoint."""
+    def save_checkpoint(self, path: str | os.PathLike, extra_json: dict[str, dict] | None = None) -> None:
+        """HF folder + `trainer_state.pt` (optimizer, step, RNG) + `extra_json` files (the driver's state),
+        written to a temporary folder next to `path`, sealed with a completion marker and renamed into
+        place (`checkpoint.seal`): a crash never leaves a checkpoint that looks whole and is not."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = ckpt_files.staging_dir(path)
         self._save_trained(tmp)
         state = {
             "step": self.step,
@@ -284,12 +283,9 @@ class Learner:
             },
         }
         torch.save(state, tmp / TRAINER_STATE)
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content))
+        ckpt_files.seal(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer state, step and RNG from `save_checkpoint`'s folder."""
@@ -298,6 +294,9 @@ class Learner:
         path = Path(path)
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"no {TRAINER_STATE} in checkpoint folder: {path}")
+        problem = ckpt_files.damage(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
         if self.lora is not None:
             from safetensors.torch import load_file
 

@@ -34,10 +34,22 @@ def shard(items: list, n: int) -> list[list]:
 
 
 @dataclass
-class Launched:
-    """Generation in flight on the workers: one (prompt offset, ObjectRef of a `RolloutBatch`) per busy worker."""
+class LaunchedPart:
+    """One worker's share in flight: where its prompts start in the step, the ObjectRef of its
+    `RolloutBatch`, and what it was asked (to ask again if the worker dies)."""
 
-    parts: list[tuple[int, Any]]
+    offset: int
+    ref: Any
+    worker: int
+    prompts: list[list[int]]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Launched:
+    """Generation in flight on the workers: one part per busy worker."""
+
+    parts: list[LaunchedPart]
 
 
 @dataclass
@@ -55,11 +67,11 @@ def launch_generate(workers: list[Any], prompts: list[list[int]], **kwargs: Any)
 
     Worker i gets `seed + i` (when a seed is given), so workers never draw the same samples."""
     parts, offset = [], 0
-    for worker, part in zip(workers, shard(prompts, len(workers))):
+    for i, (worker, part) in enumerate(zip(workers, shard(prompts, len(workers)))):
         if part:
             seed = kwargs.get("seed")
             kw = dict(kwargs, seed=None if seed is None else seed + len(parts))
-            parts.append((offset, worker.sample.remote(part, **kw)))
+            parts.append(LaunchedPart(offset, worker.sample.remote(part, **kw), i, part, kw))
         offset += len(part)
     return Launched(parts)
 
@@ -71,27 +83,44 @@ def _part(batch: RolloutBatch, offset: int) -> Part:
     return Part(rollouts, batch.seconds, time.perf_counter())
 
 
-def gather(launched: Launched, on_part: Callable[[list[Rollout]], Any] | None = None) -> list[Part]:
+def gather(launched: Launched, on_part: Callable[[list[Rollout]], Any] | None = None,
+           recover: Callable[[int, BaseException], Any] | None = None) -> list[Part]:
     """Every worker's part of `launched`, in prompt order. With `on_part`, each part is handed over as soon
-    as its worker finishes (e.g. to start scoring it while other workers still sample)."""
+    as its worker finishes (e.g. to start scoring it while other workers still sample).
+
+    With `recover(worker_index, error)`: a part whose worker died is asked again of the worker `recover`
+    returns (restarted and serving current weights); the other workers' parts are kept."""
     import ray
 
-    offsets = {ref: off for off, ref in launched.parts}
+    from onpolicy.ray_utils import is_actor_death
+
+    pending = {p.ref: p for p in launched.parts}
     done: dict[int, Part] = {}
-    waiting = list(offsets)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=len(waiting) if on_part is None else 1)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending) if on_part is None else 1)
         for ref in ready:
-            part = _part(ray.get(ref), offsets[ref])
+            lp = pending.pop(ref)
+            try:
+                batch = ray.get(ref)
+            except Exception as err:
+                if recover is None or not is_actor_death(err):
+                    raise
+                worker = recover(lp.worker, err)
+                lp = LaunchedPart(lp.offset, worker.sample.remote(lp.prompts, **lp.kwargs), lp.worker, lp.prompts,
+                                  lp.kwargs)
+                pending[lp.ref] = lp
+                continue
+            part = _part(batch, lp.offset)
             if on_part is not None:
                 part.result = on_part(part.rollouts)
-            done[offsets[ref]] = part
+            done[lp.offset] = part
     return [done[off] for off in sorted(done)]
 
 
-def generate_on(workers: list[Any], prompts: list[list[int]], **kwargs: Any) -> list[Rollout]:
-    """Fan prompts out over the rollout workers and gather rollouts in prompt order."""
-    return [r for part in gather(launch_generate(workers, prompts, **kwargs)) for r in part.rollouts]
+def generate_on(workers: list[Any], prompts: list[list[int]], *,
+                recover: Callable[[int, BaseException], Any] | None = None, **kwargs: Any) -> list[Rollout]:
+    """Fan prompts out over the rollout workers and gather rollouts in prompt order (`recover`: see `gather`)."""
+    return [r for part in gather(launch_generate(workers, prompts, **kwargs), recover=recover) for r in part.rollouts]
 
 
 def push_weights_async(update: Any, workers: list[Any]) -> list[Any]:

@@ -6,6 +6,7 @@ into an actor only in `make_rollout_workers`.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,9 @@ class RolloutWorker:
         """Returns once the engine is up (actor start-up is asynchronous)."""
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def version(self) -> int:
         return self.engine.version
 
@@ -59,11 +63,12 @@ class RolloutWorker:
 
 
 def make_rollout_workers(
-    n: int, model_path: str, cfg: RunConfig, *, max_model_len: int | None = None
+    n: int, model_path: str, cfg: RunConfig, *, max_model_len: int | None = None, seed_offset: int = 0
 ) -> list[ActorHandle]:
     """Start `n` rollout workers serving `model_path`; blocks until every engine is up.
 
-    Worker i's engine is seeded with `cfg.seed + i`, so unseeded sampling differs per worker.
+    Worker i's engine is seeded with `cfg.seed + seed_offset + i`, so unseeded sampling differs per worker
+    (`seed_offset`: the index of a worker made again to replace one that died).
     """
     import ray
 
@@ -74,12 +79,13 @@ def make_rollout_workers(
         actor_class(RolloutWorker).options(
             num_cpus=res.worker_num_cpus,
             runtime_env={"env_vars": vllm_env(res.vllm_kv_cache_gib, res.vllm_threads_bind)},
+            max_restarts=res.max_restarts,
         ).remote(
             model_path,
             threads=cfg.threads()["rollout"],
             dtype=cfg.model.dtype,
             lora_rank=cfg.model.lora.rank if cfg.model.lora is not None else None,
-            seed=cfg.seed + i,
+            seed=cfg.seed + seed_offset + i,
             kv_cache_gib=res.vllm_kv_cache_gib,
             threads_bind=res.vllm_threads_bind,
             max_model_len=max_model_len,

@@ -26,7 +26,7 @@ from onpolicy.types import ScoreRequestItem, check_top_k
 
 _MARK = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "skip": "SKIP"}
 # A check asks once and gives up quickly: it reports, it does not ride out an outage.
-CHECK_CLIENT = {"max_retries": 1, "backoff_base_s": 0.2, "breaker_failures": 100}
+CHECK_CLIENT = {"max_retries": 1, "backoff_base_s": 0.2, "breaker_failures": 100, "wait_when_down": False}
 
 
 class CheckItem(BaseModel):

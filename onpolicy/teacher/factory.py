@@ -74,13 +74,15 @@ def open_teacher(
     resources: ResourcesConfig | None = None,
     in_process: bool = False,
     on_state_change: Callable[[BreakerState], None] | None = None,
+    on_fault: Callable[[dict[str, Any]], None] | None = None,
     max_model_len: int | None = None,
     threads: int = 0,
 ) -> Teacher:
     """The teacher `tc` describes, able to serve `tc.top_k`; checked against `student` when given.
 
     `in_process` (local kind only): load the engine in this process instead of a Ray actor (what
-    the teacher service does). `on_state_change` hears a remote teacher's breaker open and close.
+    the teacher service does). `on_state_change` hears a remote teacher's breaker open and close;
+    `on_fault` hears a local teacher actor restarted after its process died.
     `threads`: CPU threads of a local teacher actor (0: the library default).
     """
     from onpolicy.config import ResourcesConfig
@@ -105,7 +107,7 @@ def open_teacher(
         else:
             from onpolicy.teacher.actor import start_teacher_actor
 
-            teacher = start_teacher_actor(model, tc.backend, res, threads, **kwargs)
+            teacher = start_teacher_actor(model, tc.backend, res, threads, on_fault=on_fault, **kwargs)
     else:
         teacher = remote_teacher(
             tc.kind,

@@ -11,7 +11,10 @@ What it does on a failure, and why:
   *degraded* (`on_state_change("open")`). Calls then wait instead of hammering a dead server or
   failing the run: every `breaker_cooldown_s` one request goes through as a probe (half-open);
   its success closes the breaker and everybody proceeds. A call that has waited `max_wait_s`
-  raises `TeacherUnavailable`.
+  raises `TeacherUnavailable`. A call that spends its `max_retries` before the breaker has opened
+  trips it (`wait_when_down`): an outage is an outage whether `max_retries` is below
+  `breaker_failures` or not, so the run degrades and waits up to `max_wait_s` either way (a preflight
+  check passes `wait_when_down=False`: it reports, it does not ride out an outage).
 - At most `max_in_flight` requests are on the wire at once (a semaphore).
 - `TeacherUsage` counts requests, retries, failures, tokens scored and generated, and keeps a bounded
   reservoir of latencies for p50/p95.
@@ -179,6 +182,13 @@ class CircuitBreaker:
             changed = self._set("closed")
         self._notify(changed)
 
+    def trip(self) -> None:
+        """Open now, whatever the count (a caller that spent its retries: the teacher is down)."""
+        with self._lock:
+            self._probe_in_flight = False
+            changed = self._set("open")
+        self._notify(changed)
+
     def record_failure(self) -> None:
         with self._lock:
             self._consecutive += 1
@@ -263,6 +273,7 @@ class RobustClient:
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 5.0,
         max_wait_s: float = 600.0,
+        wait_when_down: bool = True,
         on_state_change: Callable[[BreakerState], None] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -271,6 +282,7 @@ class RobustClient:
         self.max_retries = max_retries
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.max_wait_s = max_wait_s
+        self.wait_when_down = wait_when_down
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s, on_state_change=on_state_change)
         self.usage = TeacherUsage()
         self._slots = threading.BoundedSemaphore(max_in_flight)
@@ -369,6 +381,9 @@ class RobustClient:
                 self.breaker.record_failure()
             if self.breaker.state != "closed":
                 continue  # the next iteration waits for the breaker's probe (up to max_wait_s)
+            if attempt >= self.max_retries and self.wait_when_down:
+                self.breaker.trip()  # retries spent: degraded, wait for a probe (up to max_wait_s)
+                continue
             if attempt >= self.max_retries:
                 raise TeacherUnavailable(
                     f"teacher {self.base_url}{path} failed after {attempt + 1} attempts "

@@ -10,14 +10,13 @@ was sent (where the dialect echoes them), top-k present when asked. A violation 
 misaligned log-prob trains the student on garbage.
 
 Generation goes the same way (`generate` -> the adapter's `_generate_chunk`, then
-`validate_completions`): n completions per prompt, grouped by prompt, each with one finite log-prob
+`validate_completions`, both in validate.py): n completions per prompt, grouped by prompt, each with one finite log-prob
 <= 0 per token, ids inside the vocabulary when it is known, no longer than asked.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,8 @@ from onpolicy.engines.vllm import derive_seed
 from onpolicy.teacher.fingerprint import CheckResult, compare_info
 from onpolicy.teacher.http import BreakerState, RobustClient, TeacherResponseError
 from onpolicy.teacher.local import generate_request
+from onpolicy.teacher.validate import validate_completions, validate_scores
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores
-
-# A log-prob a little above 0 is float noise; far above it is a bug (a logit, a probability).
-_LOGPROB_SLACK = 1e-3
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -40,100 +37,6 @@ def describe_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(body)"
         parts.append(f"{loc}: {e['msg']}")
     return "; ".join(parts)
-
-
-def validate_scores(
-    source: str,
-    items: Sequence[ScoreRequestItem],
-    scores: Sequence[TeacherScores],
-    top_k: int,
-    offset: int = 0,
-    vocab_size: int | None = None,
-) -> None:
-    """Raise `TeacherResponseError` unless `scores` fit `items` (lengths, finiteness, top-k, and top-k
-    token ids inside `[0, vocab_size)` when the vocabulary size is known).
-
-    `offset` is added to sequence numbers in messages (the index of this chunk's first item).
-    """
-    if len(scores) != len(items):
-        raise TeacherResponseError(f"{source}: sent {len(items)} sequences, got {len(scores)} scores back")
-    for i, (item, sc) in enumerate(zip(items, scores)):
-        n, seq = len(item.completion_ids), offset + i
-        if len(sc.logprobs) != n:
-            raise TeacherResponseError(
-                f"{source}: sequence {seq}: expected {n} log-probs, got {len(sc.logprobs)}"
-            )
-        for t, v in enumerate(sc.logprobs):
-            if not math.isfinite(v) or v > _LOGPROB_SLACK:
-                raise TeacherResponseError(
-                    f"{source}: sequence {seq}, token {t}: log-prob is {v} (must be finite and <= 0)"
-                )
-        if top_k:
-            if sc.top_k is None:
-                raise TeacherResponseError(f"{source}: sequence {seq}: asked for top-{top_k}, got no top_k")
-            if len(sc.top_k) != n:
-                raise TeacherResponseError(
-                    f"{source}: sequence {seq}: expected top-k for {n} positions, got {len(sc.top_k)}"
-                )
-            for t, row in enumerate(sc.top_k):
-                if len(row) != top_k:
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: expected {top_k} top-k entries, got {len(row)}"
-                    )
-                if any(not math.isfinite(v) or v > _LOGPROB_SLACK for _, v in row):
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: top-k has a non-finite or positive log-prob"
-                    )
-                if vocab_size is not None and any(not 0 <= tok < vocab_size for tok, _ in row):
-                    bad = next(tok for tok, _ in row if not 0 <= tok < vocab_size)
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: top-k token id {bad} is outside the "
-                        f"vocabulary [0, {vocab_size})"
-                    )
-
-
-def validate_completions(
-    source: str,
-    prompts: Sequence[Sequence[int]],
-    n: int,
-    completions: Sequence[GeneratedCompletion],
-    max_new_tokens: int,
-    offset: int = 0,
-    vocab_size: int | None = None,
-) -> None:
-    """Raise `TeacherResponseError` unless `completions` are `n` per prompt, grouped by prompt in order, each
-    1..`max_new_tokens` tokens with one finite log-prob <= 0 apiece, ids inside `[0, vocab_size)` when known.
-
-    `offset` is added to prompt numbers in messages (the index of this chunk's first prompt)."""
-    if len(completions) != len(prompts) * n:
-        raise TeacherResponseError(
-            f"{source}: sent {len(prompts)} prompts with n={n}, got {len(completions)} completions back "
-            f"(expected {len(prompts) * n})"
-        )
-    for k, c in enumerate(completions):
-        where = f"{source}: prompt {offset + k // n}, completion {k % n}"
-        if c.prompt_index != k // n:
-            raise TeacherResponseError(
-                f"{where}: prompt_index is {c.prompt_index}, expected {k // n} (completions come grouped by "
-                "prompt, in prompt order)"
-            )
-        if not 1 <= len(c.completion_ids) <= max_new_tokens:
-            raise TeacherResponseError(
-                f"{where}: {len(c.completion_ids)} tokens, expected 1 to max_new_tokens={max_new_tokens}"
-            )
-        if len(c.logprobs) != len(c.completion_ids):
-            raise TeacherResponseError(
-                f"{where}: {len(c.completion_ids)} tokens but {len(c.logprobs)} log-probs"
-            )
-        for t, v in enumerate(c.logprobs):
-            if not math.isfinite(v) or v > _LOGPROB_SLACK:
-                raise TeacherResponseError(f"{where}, token {t}: log-prob is {v} (must be finite and <= 0)")
-        if vocab_size is not None:
-            bad = next((tok for tok in c.completion_ids if not 0 <= tok < vocab_size), None)
-            if bad is not None:
-                raise TeacherResponseError(
-                    f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})"
-                )
 
 
 class RemoteTeacher:

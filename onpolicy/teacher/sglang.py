@@ -8,7 +8,8 @@ from typing import Any
 from onpolicy.engines.vllm import derive_seed
 from onpolicy.teacher.fingerprint import CheckResult
 from onpolicy.teacher.local import repeat_greedy
-from onpolicy.teacher.remote import RemoteTeacher, validate_scores
+from onpolicy.teacher.remote import RemoteTeacher
+from onpolicy.teacher.validate import validate_scores
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
 
 

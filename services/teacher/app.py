@@ -53,7 +53,7 @@ from pydantic import ValidationError
 from starlette.types import Receive
 
 from onpolicy.protocols import Teacher
-from onpolicy.teacher.remote import validate_completions
+from onpolicy.teacher.validate import validate_completions
 from onpolicy.types import (
     GenerateRequest,
     GenerateResponse,
