@@ -85,6 +85,11 @@ class TeacherConfig(_Section):
     url: str | None = Field(
         None, description="Base URL of a remote teacher (kind=service|vllm|sglang), e.g. http://teacher:8000."
     )
+    urls: list[str] | None = Field(
+        None, min_length=1, max_length=64,
+        description="Base URLs of several replicas of one remote teacher (instead of `url`): each request goes to "
+        "the replica with the fewest in flight; a replica that fails is skipped while the others serve.",
+    )
     api_key_env: str | None = Field(
         None,
         description="Name of the environment variable that holds the remote teacher's bearer token "
@@ -118,11 +123,22 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _check_remote(self) -> TeacherConfig:
-        if self.kind != "local" and not self.url:
-            raise ValueError(f"teacher.url is required when teacher.kind={self.kind}")
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher.url must start with http:// or https:// (got {self.url!r})")
+        if self.kind != "local" and not self.url and not self.urls:
+            raise ValueError(f"teacher.url (or teacher.urls) is required when teacher.kind={self.kind}")
+        if self.urls and self.url:
+            raise ValueError("set teacher.url (one teacher) or teacher.urls (replicas of one teacher), not both")
+        if self.urls and self.kind == "local":
+            raise ValueError("teacher.urls needs a remote teacher.kind (service, vllm or sglang)")
+        for where, url in [("teacher.url", self.url)] + [(f"teacher.urls[{i}]", u) for i, u in enumerate(self.urls or [])]:
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{where} must start with http:// or https:// (got {url!r})")
+        if self.urls and len(set(self.urls)) != len(self.urls):
+            raise ValueError("teacher.urls lists a replica twice")
         return self
+
+    def endpoints(self) -> list[str]:
+        """The remote teacher's URLs: its replicas, or the one URL (empty for a local teacher)."""
+        return list(self.urls) if self.urls else ([self.url] if self.url else [])
 
 
 class DataConfig(_Section):
@@ -201,6 +217,15 @@ class DataConfig(_Section):
 
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1, le=256, description="Number of rollout workers (vLLM engines).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs per rollout engine (vLLM tensor parallelism; GPU only, 1 on CPU)."
+    )
+    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+        "auto",
+        description="How new weights reach the engines: `object_store` (one Ray object per push), `collective` "
+        "(broadcast over a torch.distributed group from the learner's rank 0), `auto` (collective when a group "
+        "can be formed, else the object store).",
+    )
     prompts_per_step: int = Field(64, ge=1, le=65536, description="Prompts sampled per training step.")
     samples_per_prompt: int = Field(1, ge=1, le=64, description="Completions sampled per prompt.")
     max_new_tokens: int = Field(16, ge=1, le=32768, description="Completion length cap.")
@@ -210,6 +235,17 @@ class RolloutConfig(_Section):
         None,
         description="Tokens that end a completion besides EOS, each one token of the student's vocabulary (e.g. "
         "[\"<|im_end|>\"]). null: EOS, plus the chat template's end-of-turn token when prompts are conversations.",
+    )
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(
+        1, ge=1, le=1024,
+        description="Learner processes (Ray actors) forming one torch.distributed group: the student is sharded "
+        "with FSDP2, each rank takes its share of the micro-batches, gradients are reduced (gloo on CPU, NCCL on GPU).",
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="Placement group strategy of the learner ranks: pack on few nodes or spread over many."
     )
 
 
@@ -362,6 +398,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    learner: LearnerConfig = LearnerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

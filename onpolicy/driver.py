@@ -34,8 +34,10 @@ from typing import Any
 from onpolicy.chat import compare_chat_templates, load_student_tokenizer, stop_token_ids
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.data import PromptSource, encode_prompts
+from onpolicy.engines.vllm import check_tensor_parallel
 from onpolicy.heldout import eval_seed, evaluate, score_rollouts
 from onpolicy.learner.checkpoint import rotate
+from onpolicy.learner.group import LearnerGroup, kill_learner, make_learner
 from onpolicy.learner.objectives import get_objective, student_samples
 from onpolicy.metrics import MetricsLog, read_metrics
 from onpolicy.model_dir import model_max_len, require_model_dir
@@ -144,7 +146,6 @@ class Run:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, show_progress: bool = True):
         import ray
 
-        from onpolicy.learner.actor import make_learner_actor
         from onpolicy.ray_utils import init_ray
         from onpolicy.rollout.worker import make_rollout_workers
         from onpolicy.teacher.factory import open_teacher
@@ -157,6 +158,8 @@ class Run:
         self.teacher, self.learner, self.workers, self.log = None, None, [], None
         self.pending: deque[Pending] = deque()  # steps sampled ahead (schedule.max_staleness of them)
         self.push_refs: list = []  # the last weight push, queued on every worker
+        self.collective = False  # weights go to the engines by broadcast (rollout.weight_sync), else object store
+        self.push_by = "object_store"  # how the pushes in push_refs were sent
         self.nonfinite = NonFinite()  # steps skipped for a non-finite loss or gradient
         self.faults = FaultCounts()  # actors that died and were brought back
         self._recover_lock = threading.Lock()
@@ -170,6 +173,7 @@ class Run:
         check_trackers(cfg.logging.report_to)  # a missing optional package fails here, before any engine
         if resume:
             check_resumable(self.out)
+        check_tensor_parallel(cfg.rollout.tensor_parallel_size)
         # The data is read and checked against the student (and its chat template against a local
         # teacher's) before anything starts.
         self.tokenizer = load_student_tokenizer(self.student_path, cfg.data.chat_template)
@@ -188,16 +192,17 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
             self.set_status(RunStatus.STARTING)
-            self.learner = make_learner_actor(cfg, self.student_path)
+            self.learner = make_learner(cfg, self.student_path)
             self.workers = make_rollout_workers(cfg.rollout.num_workers, self.student_path, cfg)
             self._worker_pids = ray.get([w.pid.remote() for w in self.workers])
+            self.collective = self._open_weight_sync()
             restored = None
             if resume:
                 restored = require_restored(restore_checkpoint(
                     self.out / "checkpoints", lambda p: ray.get(self.learner.load_checkpoint.remote(p))), self.out)
                 self.step = restored.state["step"]
                 self.source.advance(restored.state["prompts_drawn"])
-                push_weights(self.learner.weight_update.remote(), self.workers)
+                check_push(ray.get(self._push_async()), self.step)
             trackers = open_trackers(cfg.logging.report_to, self.out, project=cfg.logging.project,
                                      run_name=cfg.name, config=cfg.model_dump(mode="json"))
             self.log = MetricsLog(self.out / "metrics.jsonl", cfg.schedule.steps, show_progress=show_progress,
@@ -244,7 +249,8 @@ class Run:
                 self.set_status(RunStatus.RUNNING)
             else:
                 self.set_status(RunStatus.DEGRADED,
-                                reason=f"teacher {self.cfg.teacher.url} unreachable; scoring paused")
+                                reason=f"teacher {', '.join(self.cfg.teacher.endpoints())} unreachable; "
+                                "scoring paused")
 
     def _on_fault(self, event: dict[str, Any]) -> None:
         if self.log is not None:
@@ -270,6 +276,7 @@ class Run:
             if pid == self._worker_pids[i]:
                 return worker  # already brought back by another thread
             self._worker_pids[i] = pid
+            self._leave_collective("a rollout worker was restarted")
             version = push_weights(self.learner.weight_update.remote(), [worker])[0]
             self.faults.rollout += 1
         self._on_fault({"actor": f"rollout_worker_{i}", "action": action, "weights_version": version,
@@ -298,7 +305,6 @@ class Run:
         the base student, step 0), rewind the prompt stream and the metrics to it, push its weights."""
         import ray
 
-        from onpolicy.learner.actor import make_learner_actor
 
         self.faults.learner += 1
         limit = self.cfg.schedule.max_learner_restarts
@@ -308,9 +314,10 @@ class Run:
         t0 = time.perf_counter()
         self._drain()
         action = "restarted"
-        if not wait_until_back(self.learner, self.cfg.resources.restart_timeout_s):
-            ray.kill(self.learner, no_restart=True)
-            self.learner, action = make_learner_actor(self.cfg, self.student_path), "re-created"
+        if isinstance(self.learner, LearnerGroup) or not wait_until_back(self.learner,
+                                                                         self.cfg.resources.restart_timeout_s):
+            kill_learner(self.learner)  # a group is made again whole (a rank cannot rejoin its collectives)
+            self.learner, action = make_learner(self.cfg, self.student_path), "re-created"
         restored = restore_checkpoint(self.out / "checkpoints",
                                       lambda p: ray.get(self.learner.load_checkpoint.remote(p)))
         step, drawn = (restored.state["step"], restored.state["prompts_drawn"]) if restored else (0, 0)
@@ -319,6 +326,7 @@ class Run:
         self.source.rewind(drawn)
         self.nonfinite = NonFinite()
         self.log.rewind(step)
+        self._leave_collective("the learner was restarted")
         push_weights(self.learner.weight_update.remote(), self.workers)
         self._on_fault({"actor": "learner", "action": action, "checkpoint": str(restored.path) if restored else None,
                         "steps_redone": lost, "recover_seconds": time.perf_counter() - t0,
@@ -334,10 +342,51 @@ class Run:
             try:
                 versions.append(ray.get(ref))
             except Exception as err:
-                if not is_actor_death(err):
+                if is_actor_death(err):
+                    self._recover_worker(i, err)
+                elif self.push_by == "collective":  # a broadcast cut short by a fault: send it the other way
+                    self._leave_collective(f"a broadcast failed ({type(err).__name__})")
+                    versions = push_weights(self.learner.weight_update.remote(), self.workers)
+                    break
+                else:
                     raise
-                self._recover_worker(i, err)
         check_push(versions, self.step)
+
+    # ---- weight sync -------------------------------------------------------------------------
+    def _open_weight_sync(self) -> bool:
+        """Form the broadcast group (learner rank 0 + every engine) when `rollout.weight_sync` allows it;
+        `auto` falls back to the object store when it cannot be formed (a LoRA student always uses it)."""
+        import ray
+
+        mode = self.cfg.rollout.weight_sync
+        if mode == "object_store" or self.cfg.model.lora is not None:
+            return False
+        try:
+            meta = ray.get(self.learner.weight_meta.remote())
+            address, port = ray.get(self.learner.endpoint.remote())
+            world, timeout = 1 + len(self.workers), 120.0
+            ray.get([self.learner.open_sync.remote(address, port, world, timeout)]
+                    + [w.open_sync.remote(address, port, i + 1, world, meta, timeout)
+                       for i, w in enumerate(self.workers)], timeout=timeout)
+            return True
+        except Exception:
+            if mode == "collective":
+                raise
+            return False
+
+    def _leave_collective(self, why: str) -> None:
+        if self.collective:
+            self.collective = False
+            if self.log is not None:
+                self.log.message(f"weight sync: object store from now on ({why})")
+
+    def _push_async(self) -> list:
+        """Queue the learner's current weights on every worker; the refs of the versions they will serve."""
+        self.push_by = "collective" if self.collective else "object_store"
+        if self.collective:
+            self.learner.broadcast_weights.remote()
+            return [w.receive_weights.remote() for w in self.workers]
+        return push_weights_async(self.learner.weight_update.remote(), self.workers)
 
     def set_status(self, status: RunStatus, reason: str | None = None) -> None:
         self.status = status
@@ -438,7 +487,7 @@ class Run:
             return None
         waits["learn"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.push_refs = push_weights_async(self.learner.weight_update.remote(), self.workers)
+        self.push_refs = self._push_async()
         waits["push"] = time.perf_counter() - t
         self.step += 1
         tokens = sum(len(x.completion_ids) for x in rollouts)
@@ -553,9 +602,10 @@ class Run:
 
         if self.log is not None:
             self.log.close()
-        for actor in [*self.workers, self.learner]:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in self.workers:
+            ray.kill(actor)
+        if self.learner is not None:
+            kill_learner(self.learner)
         if self.teacher is not None:
             self.teacher.close()
         self._scorer.shutdown(wait=False, cancel_futures=True)

@@ -44,3 +44,18 @@ def test_resume_without_a_checkpoint_is_an_error_before_engines_start(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no checkpoint in" in res.stderr and "Start without --resume" in res.stderr
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_tensor_parallel_is_refused_on_cpu_before_engines_start(tmp_path):
+    from onpolicy.engines.vllm import check_tensor_parallel
+
+    res = _onpolicy("train", "configs/toy.yaml", f"output_dir={tmp_path / 'run'}", "rollout.tensor_parallel_size=2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "rollout.tensor_parallel_size=2 needs GPUs" in res.stderr and "rollout.num_workers" in res.stderr
+    check_tensor_parallel(2, cuda_devices=2)  # enough GPUs: accepted
+    try:
+        check_tensor_parallel(4, cuda_devices=2)
+    except ValueError as err:
+        assert "needs 4 GPUs per engine" in str(err)
+    else:
+        raise AssertionError("4-way tensor parallelism on 2 GPUs was accepted")

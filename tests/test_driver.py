@@ -73,8 +73,10 @@ def test_two_workers_serve_the_final_version(finished_run):
 
 
 def test_weight_push_engine_logprobs_equal_learner_logprobs(finished_run):
-    """After learner steps and pushes, vLLM scores fixed sequences as the learner does (fp32, 1e-4)."""
+    """After learner steps and collective pushes (rollout.weight_sync=auto forms the broadcast group), vLLM
+    scores fixed sequences as the learner does (fp32, 1e-4)."""
     run, _, _ = finished_run
+    assert run.collective and run.push_by == "collective"
     items = [ScoreRequestItem(prompt_ids=[1, 5, 6, 14, 7, 15], completion_ids=[9, 4, 2]),
              ScoreRequestItem(prompt_ids=[1, 13, 14, 13, 15], completion_ids=[5, 12, 10, 11, 2])]
     learner_lp = ray_get(run.learner.score.remote(items))

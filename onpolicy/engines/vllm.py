@@ -177,6 +177,22 @@ class EngineLimits:
     max_logprobs: int
 
 
+def check_tensor_parallel(size: int, cuda_devices: int | None = None) -> None:
+    """Refuse tensor parallelism where there is nothing to split over (CPU), naming the fix."""
+    if size == 1:
+        return
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_devices == 0:
+        raise ValueError(f"rollout.tensor_parallel_size={size} needs GPUs (vLLM tensor parallelism); this machine "
+                         "has none: set rollout.tensor_parallel_size=1 and scale with rollout.num_workers instead")
+    if cuda_devices < size:
+        raise ValueError(f"rollout.tensor_parallel_size={size} needs {size} GPUs per engine; this node has "
+                         f"{cuda_devices}")
+
+
 def make_llm(
     model_path: str | Path,
     *,
@@ -187,10 +203,14 @@ def make_llm(
     max_model_len: int | None = None,
     max_logprobs: int = 20,
     lora_rank: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> tuple[Any, EngineLimits]:
     """An in-process vLLM `LLM` over a model folder (eager, one process), and its limits. With
-    `lora_rank`, it serves one LoRA adapter of at most that rank (vLLM's CPU punica kernels do)."""
+    `lora_rank`, it serves one LoRA adapter of at most that rank (vLLM's CPU punica kernels do). With
+    `tensor_parallel_size` > 1 (GPU only) vLLM shards the model over that many GPUs with Ray workers
+    inside the actor's placement group."""
     path = require_model_dir(model_path)
+    check_tensor_parallel(tensor_parallel_size)
     # setdefault: an actor's runtime_env (or the user) may already have chosen these.
     for key, value in vllm_env(kv_cache_gib, threads_bind).items():
         os.environ.setdefault(key, value)
@@ -203,7 +223,8 @@ def make_llm(
         enforce_eager=True,
         max_model_len=max_model_len,
         max_logprobs=max_logprobs,
-        distributed_executor_backend="uni",
+        distributed_executor_backend="uni" if tensor_parallel_size == 1 else "ray",
+        tensor_parallel_size=tensor_parallel_size,
         **({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}),
     )
     cfg = llm.llm_engine.model_config

@@ -49,6 +49,24 @@ class LearnerShell:
     def step(self) -> int:
         return self.learner.step
 
+    def endpoint(self) -> tuple[str, int]:
+        """(this node's address, a free port): where this learner hosts a process group."""
+        import ray
+
+        from onpolicy.learner.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def weight_meta(self):
+        return self.learner.weight_meta()
+
+    def open_sync(self, address: str, port: int, world: int, timeout_s: float) -> bool:
+        self.learner.open_sync(address, port, world, timeout_s)
+        return True
+
+    def broadcast_weights(self) -> dict[str, float]:
+        return self.learner.broadcast_weights()
+
 
 def make_learner_actor(
     cfg,

@@ -29,12 +29,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def staging_dir(path: Path) -> Path:
-    """An empty temporary folder next to `path` to write a checkpoint into (a stale one is removed)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def staging_dir(path: Path, *, shared: bool = False, create: bool = True) -> Path:
+    """An empty temporary folder next to `path` to write a checkpoint into (a stale one is removed).
+
+    `shared`: one name for every rank of a learner group (they write into the same folder; rank 0
+    creates it, `create=False` for the others, who wait at a barrier)."""
+    tmp = path.parent / f".{path.name}.tmp-{'group' if shared else os.getpid()}"
+    if create:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     return tmp
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from onpolicy.config import RunConfig
+from onpolicy.engines import collective
 from onpolicy.learner import checkpoint as ckpt_files
+from onpolicy.learner import distributed as dist_lib
 from onpolicy.learner import lora as lora_lib
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
 from onpolicy.learner.losses import sampled_kl_metrics, token_advantages
@@ -33,6 +35,7 @@ from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINER_STATE = "trainer_state.pt"
+DCP_DIR = "dcp"  # a learner group's sharded model + optimiser (torch.distributed.checkpoint)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -45,8 +48,11 @@ class Learner:
     """Holds the student and its AdamW optimizer; trains on rollouts scored by the teacher."""
 
     def __init__(
-        self, model_path: str, cfg: RunConfig, *, device: str | None = None, total_steps: int | None = None
+        self, model_path: str, cfg: RunConfig, *, device: str | None = None, total_steps: int | None = None,
+        rank: int = 0, world: int = 1,
     ):
+        """`rank`/`world` > 1: one rank of a learner group (the process group already joined, see
+        `distributed.py`): the student is sharded with FSDP2 and each rank runs its share of micro-batches."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = require_model_dir(model_path, "student")
@@ -64,6 +70,12 @@ class Learner:
         if self.lora is not None:
             self.model = lora_lib.wrap_lora(self.model, self.lora, str(path))
         self.model.to(self.device)
+        self.rank, self.world = rank, world
+        self._sync = None  # the weight-sync group with the engines (open_sync), on rank 0
+        if world > 1:
+            if self.lora is not None:
+                raise ValueError("learner.num_ranks > 1 trains full-parameter students; a LoRA student uses one rank")
+            dist_lib.shard(self.model)
         # Eval mode throughout: the importance ratio compares against a sampler without dropout.
         self.model.eval()
         self.autocast_dtype = None if dtype == torch.float32 else dtype
@@ -129,19 +141,27 @@ class Learner:
             batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
         )
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
+        total_loss = torch.zeros(())
         learner_lp_BL = torch.zeros_like(batch.mask_BL)
-        row = 0
+        mbs = split_micro_batches(batch, self.cfg.optim.micro_batch_size)
+        rows = [sum(mb.num_sequences for mb in mbs[:i]) for i in range(len(mbs))]
+        mine, empty = dist_lib.my_micro_batches(len(mbs), self.rank, self.world)
         self._set_lora_dropout(True)
         try:
-            for mb in split_micro_batches(batch, self.cfg.optim.micro_batch_size):
-                loss, lp_BL = self._micro_batch_loss(mb.to(self.device), normalizer)
-                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-                total_loss += loss.item()
-                learner_lp_BL[row : row + mb.num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
-                row += mb.num_sequences
+            for i in mine:
+                loss, lp_BL = self._micro_batch_loss(mbs[i].to(self.device), normalizer)
+                scaled = loss * self.world if self.world > 1 else loss  # FSDP averages the ranks' gradients
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                total_loss += loss.detach().cpu()
+                learner_lp_BL[rows[i] : rows[i] + mbs[i].num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
+            for _ in range(empty):  # every rank runs as many forwards as the busiest (FSDP collectives)
+                loss, _ = self._micro_batch_loss(mbs[0].to(self.device), normalizer)
+                (loss * 0.0).backward()
         finally:
             self._set_lora_dropout(False)
+        if self.world > 1:
+            dist_lib.sum_across(learner_lp_BL)
+            dist_lib.sum_across(total_loss)
         metrics = sampled_kl_metrics(
             learner_lp_BL,
             batch.sampler_logprobs_BL,
@@ -149,7 +169,7 @@ class Learner:
             batch.mask_BL,
             self.cfg.loss.ratio_max,
         )
-        metrics["loss"] = total_loss
+        metrics["loss"] = float(total_loss)
         metrics["learn_tokens"] = float(batch.num_tokens)
         return metrics
 
@@ -161,7 +181,7 @@ class Learner:
         metrics = self.compute_gradients(rollouts, scores)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
+        grad_norm = dist_lib.full(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip))
         lr = lr_at(self.step, self.cfg.optim, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -196,7 +216,7 @@ class Learner:
     def _hf_tensors(self) -> dict[str, torch.Tensor]:
         """The student's weights under Hugging Face names, the adapter merged in (a LoRA student)."""
         if self.lora is None:
-            return self.model.state_dict()
+            return {name: dist_lib.full(t) for name, t in self.model.state_dict().items()}
         base = lora_lib.base_tensors(self.model)
         merged = lora_lib.merge_lora(base, dict(lora_lib.adapter_tensors(self.model)), self.adapter_config())
         return {**base, **merged}
@@ -220,6 +240,32 @@ class Learner:
             return WeightUpdate(version=self.step, tensors=lora_lib.adapter_tensors(self.model, self.push_dtype),
                                 adapter_config=self.adapter_config())
         return WeightUpdate(version=self.step, tensors=self.weights(self.push_dtype))
+
+    # ----- collective weight sync (engines/collective.py) -------------------------------------------
+
+    def weight_meta(self) -> collective.WeightMeta:
+        """Names, shapes and dtype of a full push (no tensor is gathered)."""
+        sd = self.model.state_dict()
+        return collective.WeightMeta(tuple(sd), tuple(tuple(t.shape) for t in sd.values()),
+                                     str(self.push_dtype).removeprefix("torch."))
+
+    def open_sync(self, address: str, port: int, world: int, timeout_s: float) -> None:
+        """(Rank 0.) Host the weight-sync group: this learner is its rank 0, the engines 1..world-1."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sync = collective.open_group(address, port, 0, world, self.device, timeout_s)
+        self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
+
+    def broadcast_weights(self) -> dict[str, float]:
+        """Gather the weights (every rank of a group takes part) and, on rank 0, broadcast them to the engines
+        in the background (a copy: training goes on meanwhile; pushes go out in order)."""
+        version, tensors = self.step, self.weights(self.push_dtype)
+        if self.rank != 0:
+            return {"version": version}
+        t0 = time.perf_counter()
+        self._sync_thread.submit(collective.send, self._sync, version, tensors)
+        return {"version": version, "bytes": float(sum(t.numel() * t.element_size() for _, t in tensors)),
+                "gather_seconds": time.perf_counter() - t0}
 
     @torch.no_grad()
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:
@@ -248,6 +294,13 @@ class Learner:
     def save_model(self, path: str | os.PathLike) -> None:
         """The student as a Hugging Face folder (weights, config, tokenizer); a LoRA student merged."""
         path = Path(path)
+        if self.world > 1:  # every rank gathers, rank 0 writes
+            tensors = self._hf_tensors()
+            if self.rank == 0:
+                path.mkdir(parents=True, exist_ok=True)
+                self.model.save_pretrained(str(path), state_dict=tensors)
+                self.tokenizer.save_pretrained(str(path))
+            return
         path.mkdir(parents=True, exist_ok=True)
         if self.lora is None:
             self.model.save_pretrained(str(path))
@@ -268,24 +321,67 @@ class Learner:
     def save_checkpoint(self, path: str | os.PathLike, extra_json: dict[str, dict] | None = None) -> None:
         """HF folder + `trainer_state.pt` (optimizer, step, RNG) + `extra_json` files (the driver's state),
         written to a temporary folder next to `path`, sealed with a completion marker and renamed into
-        place (`checkpoint.seal`): a crash never leaves a checkpoint that looks whole and is not."""
+        place (`checkpoint.seal`): a crash never leaves a checkpoint that looks whole and is not.
+
+        A learner group writes the model and optimiser with torch.distributed.checkpoint into `dcp/`
+        (each rank its shards; any number of ranks loads it) and the HF folder gathered on rank 0."""
         path = Path(path)
-        tmp = ckpt_files.staging_dir(path)
+        tmp = ckpt_files.staging_dir(path, shared=self.world > 1, create=self.rank == 0)
+        dist_lib.barrier()
         self._save_trained(tmp)
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
-        }
-        torch.save(state, tmp / TRAINER_STATE)
-        for name, content in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(content))
-        ckpt_files.seal(tmp, path)
+        if self.world > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": random.getstate(),
+                },
+            }
+            if self.world == 1:
+                state["optimizer"] = self.optimizer.state_dict()
+            torch.save(state, tmp / TRAINER_STATE)
+            for name, content in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(content))
+        dist_lib.barrier()
+        if self.rank == 0:
+            ckpt_files.seal(tmp, path)
+        dist_lib.barrier()
+
+    def _init_optimizer_state(self) -> None:
+        """Give AdamW its state tensors (a zero-gradient step at lr 0 changes no weight), so that
+        torch.distributed.checkpoint has a template to load the saved state into."""
+        if self.optimizer.state:
+            return
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        decays = [g["weight_decay"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in self.trainable:
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for g, lr, wd in zip(self.optimizer.param_groups, lrs, decays):
+            g["lr"], g["weight_decay"] = lr, wd
+
+    def _load_dcp(self, path: Path) -> None:
+        """Model and optimiser from a learner group's `dcp/` folder, resharded to this learner's ranks
+        (one rank included: N ranks save, M load)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        self._init_optimizer_state()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer state, step and RNG from `save_checkpoint`'s folder."""
@@ -297,7 +393,12 @@ class Learner:
         problem = ckpt_files.damage(path)
         if problem:
             raise ValueError(f"checkpoint {path} is damaged: {problem}")
-        if self.lora is not None:
+        if (path / DCP_DIR).is_dir():
+            self._load_dcp(path)
+        elif self.world > 1:
+            raise ValueError(f"checkpoint {path} was written by one learner rank (no {DCP_DIR}/): resume it with "
+                             "learner.num_ranks=1")
+        elif self.lora is not None:
             from safetensors.torch import load_file
 
             if not (path / lora_lib.ADAPTER_WEIGHTS).is_file():
@@ -309,7 +410,8 @@ class Learner:
             self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
             del loaded
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # tensors and plain data only
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

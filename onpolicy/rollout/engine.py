@@ -83,11 +83,18 @@ class VLLMEngine:
         serve `update.version`."""
         if update.adapter_config is not None:
             self._load_adapter(update)
-        else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(update.tensors)})
+            return self._serve(update.version)
+        return self.load_tensors(update.version, list(update.tensors))
+
+    def load_tensors(self, version: int, tensors: list) -> int:
+        """Load full weights (Hugging Face names) in place and serve `version`."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        return self._serve(version)
+
+    def _serve(self, version: int) -> int:
         # Cached KV blocks were computed by the old weights: reusing them would be wrong.
         self.llm.reset_prefix_cache()
-        self.version = update.version
+        self.version = version
         return self.version
 
     def _load_adapter(self, update: WeightUpdate) -> None:

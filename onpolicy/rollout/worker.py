@@ -61,6 +61,25 @@ class RolloutWorker:
     def load_weights(self, update: WeightUpdate) -> int:
         return self.engine.load_weights(update)
 
+    def open_sync(self, address: str, port: int, rank: int, world: int, meta, timeout_s: float) -> bool:
+        """Join the learner's weight-sync group as `rank` (see engines/collective.py)."""
+        import torch
+
+        from onpolicy.engines.collective import open_group
+
+        self._sync_meta = meta
+        self._sync = open_group(address, port, rank, world, torch.device("cpu"), timeout_s)
+        return True
+
+    def receive_weights(self) -> int:
+        """Take the learner's next broadcast and serve it; returns its version."""
+        import torch
+
+        from onpolicy.engines.collective import receive
+
+        version, tensors = receive(self._sync, self._sync_meta, torch.device("cpu"))
+        return self.engine.load_tensors(version, tensors)
+
 
 def make_rollout_workers(
     n: int, model_path: str, cfg: RunConfig, *, max_model_len: int | None = None, seed_offset: int = 0
@@ -89,6 +108,7 @@ def make_rollout_workers(
             kv_cache_gib=res.vllm_kv_cache_gib,
             threads_bind=res.vllm_threads_bind,
             max_model_len=max_model_len,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         )
         for i in range(n)
     ]
