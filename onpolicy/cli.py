@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from onpolicy.console import quiet_third_party
+
 DEFAULT_CONFIG = "configs/toy.yaml"
 
 
@@ -100,6 +102,8 @@ def cmd_teacher_check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onpolicy", description="On-policy distillation: vLLM rollouts on Ray, "
                                 "teacher log-probs, a reverse-KL learner.")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' log lines, progress bars and warnings, and tracebacks (ONPOLICY_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="distill a student from a config (YAML) with key.sub=value overrides")
@@ -179,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["ONPOLICY_DEBUG"] = "1"
+    quiet_third_party()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -123,11 +123,12 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _check_remote(self) -> TeacherConfig:
-        if self.kind != "local" and not self.url and not self.urls:
+        remote = self.kind != "local"
+        if remote and not self.url and not self.urls:
             raise ValueError(f"teacher.url (or teacher.urls) is required when teacher.kind={self.kind}")
         if self.urls and self.url:
             raise ValueError("set teacher.url (one teacher) or teacher.urls (replicas of one teacher), not both")
-        if self.urls and self.kind == "local":
+        if self.urls and not remote:
             raise ValueError("teacher.urls needs a remote teacher.kind (service, vllm or sglang)")
         for where, url in [("teacher.url", self.url)] + [(f"teacher.urls[{i}]", u) for i, u in enumerate(self.urls or [])]:
             if url and not url.startswith(("http://", "https://")):

@@ -40,6 +40,9 @@ def match_cluster_auth(address: str | None) -> None:
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS if set, else start a local Ray instance of our own (address
     `local`: never a stale or unrelated cluster that `ray start` once recorded on this machine)."""
+    from onpolicy.console import quiet_third_party, ray_logging_level
+
+    quiet_third_party()
     import ray
 
     if ray.is_initialized():
@@ -49,6 +52,7 @@ def init_ray() -> None:
     ray.init(
         address=address,
         include_dashboard=False,
+        logging_level=ray_logging_level(),
         log_to_driver=os.environ.get("ONPOLICY_RAY_LOGS", "0") == "1",
         runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
     )

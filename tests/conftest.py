@@ -77,6 +77,7 @@ def ray_session():
     """A local Ray cluster for the whole test session (yields the `ray` module)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # address "local": our own instance, never a cluster some `ray start` recorded in /tmp/ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -16,12 +16,12 @@ What is translated, and only this:
 A reference to a port no service exposes fails the test, as it would fail the deployment.
 
 Then: the init step builds the toy models; a Ray head, a second Ray node joined with the worker's
-`ray start --address`, the teacher service and the control API come up and pass their compose
-health checks; a 3-step toy run posted to the REST API finishes, and its rollout worker ran on the
-joined node (the head offers no CPUs, the run config asks one per rollout worker). On the way, the
-secure defaults hold where a process can show them: Ray's job API and the control API refuse
-requests without their tokens, and the run reaches the teacher with the key it names by
-ONPOLICY_TEACHER_KEY_LOCAL.
+`ray start --address`, the two teacher service replicas and the control API come up and pass their
+compose health checks; a 3-step toy run over both replicas posted to the REST API finishes, both
+served it, and its rollout worker ran on the joined node (the head offers no CPUs, the run config
+asks one per rollout worker). On the way, the secure defaults hold where a process can show them:
+Ray's job API and the control API refuse requests without their tokens, and the run reaches the
+teachers with the key it names by ONPOLICY_TEACHER_KEY_LOCAL.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tests.test_ray_job import free_port, kill_processes, local_env, short_tmp
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = ("ray-head", "ray-worker", "teacher", "control")
+SERVICES = ("ray-head", "ray-worker", "teacher", "teacher-1", "control")
 TERMINAL = ("finished", "stopped", "paused", "failed")
 HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d{2,5})\b")
 PORT_FLAG = re.compile(r"^(--(?:port|dashboard-port))(=)(\d+)$")
@@ -179,7 +179,7 @@ class Stack:
         raise AssertionError(f"{name} not healthy after {timeout}s: {check}\n{last}\n{self.log(name)}")
 
     def stop(self) -> None:
-        for name in ("control", "teacher", "ray-worker", "ray-head"):
+        for name in ("control", "teacher", "teacher-1", "ray-worker", "ray-head"):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -206,9 +206,11 @@ def stack():
         st.wait_healthy("ray-head", 150)
         st.start("ray-worker")
         st.start("teacher")
+        st.start("teacher-1")
         st.start("control")
         st.wait_healthy("ray-worker", 150)
         st.wait_healthy("teacher", 180)
+        st.wait_healthy("teacher-1", 180)
         st.wait_healthy("control", 120)
         yield st
     finally:
@@ -264,6 +266,7 @@ def test_toy_run_through_the_rest_api_runs_rollouts_on_the_joined_node(stack):
     cfg["schedule"] = {"steps": 3}
     cfg["eval"] = {"every": 0, "num_prompts": 16, "ood_num_prompts": 8}
     cfg["checkpoint"] = {"every": 0, "keep": 1}
+    assert len(cfg["teacher"]["urls"]) == 2  # both teacher replicas, as deploy/toy-service.yaml names them
     base = f"http://127.0.0.1:{tr.port('control', 8000)}"
     assert httpx.get(f"{base}/v1/runs", timeout=30).status_code == 401  # the API wants its token too
     token = stack.secrets["ONPOLICY_API_TOKENS"]
@@ -281,6 +284,12 @@ def test_toy_run_through_the_rest_api_runs_rollouts_on_the_joined_node(stack):
         assert view["step"] == 3
         metrics = http.get(f"/v1/runs/{run_id}/metrics", params={"kind": "train"}).json()["records"]
         assert [m["step"] for m in metrics] == [1, 2, 3]
+    # Both replicas scored part of the run (their own counters, from their /metrics).
+    for name in ("teacher", "teacher-1"):
+        prom = httpx.get(f"http://127.0.0.1:{tr.port(name, 8100)}/metrics", timeout=30,
+                         headers={"Authorization": f"Bearer {key}"}).text
+        scored = re.search(r"^teacher_sequences_scored_total (\S+)$", prom, re.MULTILINE)
+        assert scored and float(scored.group(1)) > 0, (name, prom[-2000:])
     # output landed in the `runs` volume (mounted at /data in the containers)
     assert Path(view["output_dir"]).is_relative_to(Path(tr.paths["/data"]))
 
@@ -300,4 +309,4 @@ def test_translation_fails_on_a_port_no_service_exposes(tmp_path):
     env = Translator(doc, tmp_path).env("control")
     assert env["RAY_ADDRESS"].startswith("127.0.0.1:") and env["ONPOLICY_CONTROL_DATA"].startswith(str(tmp_path))
     assert env["RAY_AUTH_MODE"] == "token"
-    assert env["ONPOLICY_TEACHER_ALLOW_HOSTS"].split(",")[:2] == ["127.0.0.1", "127.0.0.1"]  # teacher, teacher-gpu
+    assert env["ONPOLICY_TEACHER_ALLOW_HOSTS"].split(",")[:2] == ["127.0.0.1", "127.0.0.1"]  # teacher, teacher-1

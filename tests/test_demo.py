@@ -2,6 +2,7 @@
 15-minute job measured in the README)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,11 @@ def test_demo_writes_report_plot_and_student(tmp_path):
     assert (out / "student" / "model.safetensors").is_file()
     assert "gap closed" in res.stdout
     assert (toy / "teacher" / "build.json").is_file()  # built (copied) because it was missing
+    # onpolicy's own lines only: no Ray, vLLM or transformers log lines, bars or warnings (--verbose shows them)
+    noise = re.compile(r"^(INFO|WARNING|DEBUG) \d\d-\d\d |^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)|"
+                       r"\(raylet\)|\(pid=|Token authentication|Loading weights|Writing model shards|Warning:")
+    noisy = [line for line in (res.stdout + res.stderr).splitlines() if noise.search(line)]
+    assert not noisy, noisy[:5]
 
     # `onpolicy eval` of the distilled student reproduces the run's final greedy accuracy
     ev = subprocess.run(

@@ -313,7 +313,8 @@ def test_compose_apis_are_published_on_loopback_unless_opened():
         services = compose_config(env)["services"]
         for name, port in (("control", 8000), ("teacher", 8100)):
             assert [published(e) for e in services[name]["ports"]] == [(host, port)], name
-    assert "ports" not in compose_config()["services"]["teacher-gpu"]  # reached inside the compose network
+    for name in ("teacher-1", "teacher-gpu"):
+        assert "ports" not in compose_config()["services"][name]  # reached inside the compose network
 
 
 @pytest.mark.parametrize("name", REQUIRED_VARS)
@@ -333,7 +334,7 @@ def test_compose_services_get_the_secrets_they_need():
     services = interpolate(compose_doc(), secret)["services"]
     control = services["control"]
     assert control["environment"]["ONPOLICY_API_TOKENS"] == secret["ONPOLICY_API_TOKENS"]
-    for name in ("teacher", "teacher-gpu"):
+    for name in ("teacher", "teacher-1", "teacher-gpu"):
         assert services[name]["environment"]["ONPOLICY_TEACHER_API_KEY"] == secret["ONPOLICY_TEACHER_API_KEY"]
     # Runs name the teacher key by a variable the API accepts (ONPOLICY_TEACHER_KEY_*), held where
     # the run's driver and rollout workers run (the Ray nodes) and by the control API.
@@ -344,7 +345,7 @@ def test_compose_services_get_the_secrets_they_need():
         assert held == secret["ONPOLICY_TEACHER_API_KEY"], name
     # The control API may fetch our own teachers (private addresses) and confines REST paths to the volumes.
     allow = control["environment"]["ONPOLICY_TEACHER_ALLOW_HOSTS"].split(",")
-    assert {"teacher", "teacher-gpu"} <= set(allow)
+    assert {"teacher", "teacher-1", "teacher-gpu"} <= set(allow)
     args = argv(control["command"])
     roots = {args[i + 1] for i, a in enumerate(args) if a in ("--models-root", "--data-root")}
     mounts = {str(v).split(":")[1] for v in control["volumes"]}
@@ -398,6 +399,7 @@ def test_manifests_cover_the_promised_kinds():
     assert kinds == sorted([
         "ConfigMap/onpolicy-config", "PersistentVolumeClaim/onpolicy-runs", "RayCluster/onpolicy",
         "RayJob/onpolicy-toy-train", "Deployment/onpolicy-teacher", "Service/onpolicy-teacher",
+        "Deployment/onpolicy-teacher-1", "Service/onpolicy-teacher-1",
         "Deployment/onpolicy-control", "Service/onpolicy-control", "NetworkPolicy/onpolicy-ray",
     ])
 
@@ -432,8 +434,9 @@ def test_manifests_agree_with_each_other():
     env = {e["name"]: e.get("value") for e in control["containers"][0]["env"]}
     assert env["RAY_ADDRESS"] == f"{cluster_name}-head-svc:6379"  # the service KubeRay makes for the head
     cfg = yaml.safe_load(docs["ConfigMap/onpolicy-config"]["data"]["toy.yaml"])
-    svc = docs["Service/onpolicy-teacher"]
-    assert cfg["teacher"]["url"] == f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+    teachers = [docs["Service/onpolicy-teacher"], docs["Service/onpolicy-teacher-1"]]
+    assert cfg["teacher"]["urls"] == [f"http://{s['metadata']['name']}:{s['spec']['ports'][0]['port']}"
+                                      for s in teachers]
     job = docs["RayJob/onpolicy-toy-train"]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": cluster_name}
     config_path = job["entrypoint"].split()[-1]
@@ -445,6 +448,22 @@ def test_manifests_agree_with_each_other():
     assert Path(config_path).name in docs["ConfigMap/onpolicy-config"]["data"]
     assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "onpolicy-runs"
     assert cfg["output_dir"].startswith("/data/") and cfg["model"]["student"].startswith("/models/")
+
+
+def test_kuberay_teacher_replicas_differ_only_in_their_names():
+    """Each teacher replica is a Deployment of one pod with a Service of its own (so runs can route between
+    them, see teacher.yaml); the replicas are copies, and each Service selects its own replica's pod only."""
+    docs = docs_by_name()
+    names = ["onpolicy-teacher", "onpolicy-teacher-1"]
+    for name in names:
+        deployment, service = docs[f"Deployment/{name}"], docs[f"Service/{name}"]
+        pod = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["replicas"] == 1
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert [selects({"matchLabels": docs[f"Service/{other}"]["spec"]["selector"]}, pod)
+                for other in names] == [other == name for other in names]
+    first, second = (json.dumps(docs[f"Deployment/{n}"]).replace(n, "NAME") for n in names)
+    assert first == second
 
 
 # ---- deploy/kuberay: security defaults -----------------------------------------------------------
@@ -529,7 +548,7 @@ def test_kuberay_secrets_are_required_and_come_from_one_secret():
                if secret_ref(env_of(c).get(key_env)) == {"name": SECRET_NAME, "key": "teacher_key"}]
     assert len(holders) == 3, holders  # Ray head, Ray workers, control API
     allow = env_of(control)["ONPOLICY_TEACHER_ALLOW_HOSTS"]["value"].split(",")
-    assert docs["Service/onpolicy-teacher"]["metadata"]["name"] in allow
+    assert {"onpolicy-teacher", "onpolicy-teacher-1"} <= set(allow)
     assert {"--models-root", "--data-root"} <= set(control["command"])
 
 
@@ -637,8 +656,9 @@ def test_configmap_run_configs_load(tmp_path):
 def test_compose_run_config_points_at_the_compose_teacher():
     cfg = load_config(REPO / "deploy" / "toy-service.yaml")
     services = compose_config()["services"]
-    assert cfg.teacher.url == "http://teacher:8100"
-    assert "--port 8100" in services["teacher"]["command"]
+    assert cfg.teacher.urls == ["http://teacher:8100", "http://teacher-1:8100"] and cfg.teacher.url is None
+    for name in ("teacher", "teacher-1"):
+        assert "--port 8100" in services[name]["command"]
     assert cfg.model.student.startswith("/models/") and "models:/models" in services["ray-worker"]["volumes"]
     with pytest.raises(ConfigError):  # the loader is strict, so these tests mean something
         load_config(None, ["resources.worker_num_cpuz=1"])

@@ -130,7 +130,7 @@ def test_usage_reservoir_is_bounded_and_snapshot_has_percentiles():
 
 
 def test_config_requires_url_for_remote_kinds_and_factory_builds_each():
-    with pytest.raises(ValueError, match="teacher.url is required"):
+    with pytest.raises(ValueError, match=r"teacher.url \(or teacher.urls\) is required"):
         TeacherConfig(kind="vllm")
     for kind, cls in (("service", ServiceTeacher), ("vllm", VLLMServerTeacher), ("sglang", SGLangTeacher)):
         t = open_teacher(TeacherConfig(kind=kind, url="http://127.0.0.1:9"))

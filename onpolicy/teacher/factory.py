@@ -9,6 +9,9 @@ check all come through here, so nothing else branches on the kind.
 | `vllm`    | `VLLMServerTeacher`: an external vLLM OpenAI-compatible server                   |
 | `sglang`  | `SGLangTeacher`: an external SGLang server                                       |
 
+A remote kind with `teacher.urls` instead of `teacher.url` gives a `TeacherPool` over one adapter per
+replica (pool.py: least-outstanding-requests routing, a breaker per replica).
+
 With `student=DIR` the teacher is checked against the student before it is returned (tokenizer,
 EOS), and for `local` before its engine even starts (the folders are compared).
 """
@@ -24,6 +27,7 @@ from onpolicy.model_dir import require_model_dir
 from onpolicy.protocols import Teacher
 from onpolicy.teacher.fingerprint import assert_compatible, check_compatible
 from onpolicy.teacher.http import BreakerState
+from onpolicy.teacher.pool import REPLICA_CLIENT, TeacherPool
 from onpolicy.teacher.remote import RemoteTeacher
 from onpolicy.teacher.service import ServiceTeacher
 from onpolicy.teacher.sglang import SGLangTeacher
@@ -109,20 +113,21 @@ def open_teacher(
 
             teacher = start_teacher_actor(model, tc.backend, res, threads, on_fault=on_fault, **kwargs)
     else:
-        teacher = remote_teacher(
-            tc.kind,
-            tc.url or "",
-            api_key=api_key_from_env(tc.api_key_env),
-            timeout_s=tc.timeout_s,
-            max_retries=tc.max_retries,
-            backoff_base_s=tc.backoff_base_s,
-            backoff_max_s=tc.backoff_max_s,
-            max_in_flight=tc.max_in_flight,
-            breaker_failures=tc.breaker_failures,
-            breaker_cooldown_s=tc.breaker_cooldown_s,
-            max_wait_s=tc.max_wait_s,
-            on_state_change=on_state_change,
-        )
+        client_kw: dict[str, Any] = {
+            "api_key": api_key_from_env(tc.api_key_env), "timeout_s": tc.timeout_s,
+            "max_in_flight": tc.max_in_flight, "breaker_failures": tc.breaker_failures,
+            "breaker_cooldown_s": tc.breaker_cooldown_s,
+        }
+        retry_kw: dict[str, Any] = {
+            "max_retries": tc.max_retries, "backoff_base_s": tc.backoff_base_s, "backoff_max_s": tc.backoff_max_s,
+            "max_wait_s": tc.max_wait_s,
+        }
+        if tc.urls:  # replicas fail fast; the pool retries on another one and does the waiting
+            replicas = [remote_teacher(tc.kind, url, **client_kw, **REPLICA_CLIENT) for url in tc.urls]
+            teacher = TeacherPool(replicas, **retry_kw, max_in_flight=tc.max_in_flight,
+                                  on_state_change=on_state_change)
+        else:
+            teacher = remote_teacher(tc.kind, tc.url or "", **client_kw, **retry_kw, on_state_change=on_state_change)
     try:
         if student is not None:
             assert_compatible(teacher, student)  # reachable, the same tokenizer and EOS
