@@ -169,11 +169,11 @@ class Run:
         self._lock = threading.Lock()
         self.teacher_tokens = 0  # prompt + completion tokens the teacher scored or generated for training
         self.objective = get_objective(cfg.loss.kind)
-        self.student_path = str(require_model_dir(cfg.model.student, "student"))
-        check_trackers(cfg.logging.report_to)  # a missing optional package fails here, before any engine
         if resume:
             check_resumable(self.out)
         check_tensor_parallel(cfg.rollout.tensor_parallel_size)
+        self.student_path = str(require_model_dir(cfg.model.student, "student"))
+        check_trackers(cfg.logging.report_to)  # a missing optional package fails here, before any engine
         # The data is read and checked against the student (and its chat template against a local
         # teacher's) before anything starts.
         self.tokenizer = load_student_tokenizer(self.student_path, cfg.data.chat_template)

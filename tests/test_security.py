@@ -5,6 +5,7 @@ required to listen beyond loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def test_student_download_with_a_non_latin1_run_name(control):
 
 
 def test_a_crafted_pickle_checkpoint_is_refused(tmp_path, tiny_model_dir):
+    from onpolicy.learner.checkpoint import MARKER
     from onpolicy.learner.core import TRAINER_STATE, Learner
 
     marker = tmp_path / "pwned"
@@ -161,6 +163,9 @@ def test_a_crafted_pickle_checkpoint_is_refused(tmp_path, tiny_model_dir):
     ckpt = tmp_path / "ckpt"
     learner.save_checkpoint(ckpt)
     torch.save({"step": 1, "optimizer": Exploit()}, ckpt / TRAINER_STATE)
+    # a crafted checkpoint comes with a marker that agrees (COMPLETE.json guards against torn writes, not attacks)
+    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name != MARKER}
+    (ckpt / MARKER).write_text(json.dumps({"files": files}))
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         learner.load_checkpoint(ckpt)
     assert not marker.exists()
