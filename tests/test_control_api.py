@@ -18,7 +18,7 @@ from onpolicy.status import write_status
 from services.control.app import create_app
 from services.control.auth import token_ok
 from services.control.launcher import InMemoryLauncher
-from services.control.scheduler import reconcile_status
+from services.control.reconciler import reconcile_status
 from services.control.settings import Settings, load_tokens
 
 TOKEN = "s3cret-token"
@@ -28,9 +28,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def make(tmp_path, **kw):
     launcher = kw.pop("launcher", None) or InMemoryLauncher()
     # Teachers on loopback (the scripted fakes) are allowed; model folders anywhere under /tmp (the fixtures').
-    settings = Settings(data_dir=str(tmp_path), launcher=launcher, scheduler_interval_s=0,
-                        api_tokens=kw.pop("tokens", [TOKEN]), teacher_allow_hosts=["127.0.0.1"],
-                        models_roots=[tempfile.gettempdir()], **kw)
+    # No background loops: a test runs `reconciler.tick()` / `scheduler.tick()` where it needs a pass.
+    kw = {"scheduler_interval_s": 0, "reconcile_interval_s": 0, **kw}
+    settings = Settings(data_dir=str(tmp_path), launcher=launcher, api_tokens=kw.pop("tokens", [TOKEN]),
+                        teacher_allow_hosts=["127.0.0.1"], models_roots=[tempfile.gettempdir()], **kw)
     app = create_app(settings)
     return app, launcher
 
@@ -149,6 +150,7 @@ def test_metrics_artifacts_events_and_student_download(api):
     lines = [{"kind": "eval", "step": 0, "heldout_accuracy": 0.1}] + [
         {"kind": "train", "step": s, "teacher_kl": 1.0 / s, "policy_version": s} for s in (1, 2, 3)]
     Path(out, "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    api.control.reconciler.tick()  # reads come from the record; the reconciler's pass fills it in
     (Path(out) / "student").mkdir()
     (Path(out) / "student" / "config.json").write_text("{}")
     (Path(out) / "checkpoints" / "step_0000003").mkdir(parents=True)
@@ -161,6 +163,7 @@ def test_metrics_artifacts_events_and_student_download(api):
     tar = api.get(f"/v1/runs/{rid}/artifacts/student.tar.gz")
     assert tar.status_code == 200 and tar.content[:2] == b"\x1f\x8b"
     write_status(out, "finished", step=3)
+    api.control.reconciler.tick()
     body = api.get(f"/v1/runs/{rid}/events", params={"poll_s": 0.05}).text  # ends: the run is terminal
     assert body.count("event: metrics") == 4 and "event: status" in body and '"finished"' in body
     assert 'onpolicy_runs{status="finished"} 1.0' in api.get("/metrics").text

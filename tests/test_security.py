@@ -84,6 +84,10 @@ def test_private_teacher_urls_are_refused_and_bodies_never_reflected(control, tm
             assert r.status_code == 422 and "ONPOLICY_TEACHER_ALLOW_HOSTS" in r.text and SECRET not in r.text
         r = control.post("/v1/runs", json={"config": {"teacher": {"kind": "service", "url": srv.url}}})
         assert r.status_code == 422 and _paths(r) == {"teacher.url"}
+        # every replica of a teacher pool is held to the same rule
+        r = control.post("/v1/runs", json={"config": {"teacher": {"kind": "service",
+                                                                  "urls": ["http://93.184.216.34:8100", srv.url]}}})
+        assert r.status_code == 422 and _paths(r) == {"teacher.urls.1"}
         for url in (f"{srv.url}/?x=", f"{srv.url}#frag", srv.url.replace("http://", "http://user:pw@")):
             r = control.post("/v1/teachers", json={"url": url})
             assert r.status_code == 422 and "query" in r.text

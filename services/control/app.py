@@ -1,8 +1,9 @@
 """The control API: `create_app(settings)`; OpenAPI at /docs.
 
 The process holds no training state: runs are detached Ray actors writing to their run
-directory, records live in SQL. At start-up the app reconciles its records with the cluster,
-then a scheduler thread keeps them fresh and starts queued runs.
+directory, records live in SQL. A reconciler thread keeps the records of active runs fresh (its
+first pass, at start-up, reconciles them with the cluster), so reads come from the database
+alone; a scheduler thread starts queued runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from services.body_limit import BodyLimit
 from services.control.auth import make_auth_dependency
 from services.control.core import ApiError, Control
+from services.control.periodic import Periodic
 from services.control.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,17 +30,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # The scheduler thread's first tick reconciles the records with what the cluster reports (in the
-        # background: /healthz answers even while Ray is slow to join); without a loop, tick once here.
-        if settings.scheduler_interval_s > 0:
-            control.scheduler.start(settings.scheduler_interval_s)
-        else:
-            try:
-                control.scheduler.tick()
-            except Exception:
-                log.exception("start-up reconciliation failed")
+        # Each loop's first pass runs at once, in the background (/healthz answers even while Ray is slow to
+        # join); an interval of 0 means one pass here instead. Reconcile first: the scheduler counts active runs.
+        loops = []
+        for name, fn, interval_s in (("control-reconciler", control.reconciler.tick, settings.reconcile_interval_s),
+                                     ("control-scheduler", control.scheduler.tick, settings.scheduler_interval_s)):
+            if interval_s > 0:
+                loops.append(Periodic(name, fn, interval_s).start())
+            else:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("%s: start-up pass failed", name)
         yield
-        control.scheduler.close()
+        for loop in loops:
+            loop.close()
 
     app = FastAPI(title="onpolicy control", version="0.1.0", lifespan=lifespan,
                   description="Start, watch, stop, pause and resume on-policy distillation runs; attach "

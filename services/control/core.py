@@ -6,6 +6,7 @@ Errors are `ApiError(status, detail)`; the app turns them into JSON responses.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ from onpolicy.status import ACTIVE, RESUMABLE, TERMINAL, RunStatus
 from services.control.db import RunRecord, Store, new_id
 from services.control.launcher import Launcher, RayLauncher
 from services.control.policy import PolicyError
+from services.control.reconciler import Reconciler
 from services.control.scheduler import Scheduler
-from services.control.schemas import RunView, StatusChange, TeacherRef
 from services.control.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -56,7 +59,8 @@ class Control:
         self.policy = settings.policy()
         self.store = Store(settings.db_url)
         self.launcher: Launcher = settings.launcher or RayLauncher(settings.ray_address)
-        self.scheduler = Scheduler(self.store, self.launcher, settings.max_concurrent_runs)
+        self.reconciler = Reconciler(self.store, self.launcher)
+        self.scheduler = Scheduler(self.store, self.launcher, self.reconciler, settings.max_concurrent_runs)
 
     def apply_policy(self, cfg: RunConfig) -> None:
         """Confine the run's paths to the server's roots and check its teacher URL and key name (in place)."""
@@ -68,13 +72,16 @@ class Control:
             cfg.data.prompts_path = p.confine(cfg.data.prompts_path, p.data_roots, "data.prompts_path", "data")
         if cfg.teacher.url is not None:
             cfg.teacher.url = p.check_teacher_url(cfg.teacher.url, "teacher.url")
+        if cfg.teacher.urls:
+            cfg.teacher.urls = [p.check_teacher_url(u, f"teacher.urls.{i}") for i, u in enumerate(cfg.teacher.urls)]
 
     # ---- runs ------------------------------------------------------------------------------
-    def get(self, run_id: str, refresh: bool = True) -> RunRecord:
+    def get(self, run_id: str) -> RunRecord:
+        """The record as the database has it (the reconciler keeps it fresh)."""
         rec = self.store.get_run(run_id)
         if rec is None:
             raise ApiError(404, f"no run with id {run_id!r}")
-        return self.scheduler.refresh(rec) if refresh else rec
+        return rec
 
     def create_run(self, config: dict[str, Any], name: str | None, teacher_id: str | None) -> RunRecord:
         data = json.loads(json.dumps(config))  # a private deep copy
@@ -90,7 +97,7 @@ class Control:
                                       "msg": f"no attached teacher with id {teacher_id!r} (see GET /v1/teachers)"}])
             section = data.get("teacher")
             section = dict(section) if isinstance(section, dict) else {}
-            section.update(kind=t.kind, url=t.url, api_key_env=t.api_key_env)
+            section.update(kind=t.kind, url=t.url, api_key_env=t.api_key_env, urls=None)  # the attached one only
             data["teacher"] = section
         try:
             cfg = RunConfig.model_validate(data)
@@ -106,24 +113,38 @@ class Control:
         return self.scheduler.try_start(rec)
 
     def stop(self, run_id: str, pause: bool) -> RunRecord:
-        """Graceful stop/pause: the run finishes its step, checkpoints and saves its student. Idempotent."""
-        rec = self.get(run_id)
+        """Graceful stop/pause: the run finishes its step, checkpoints and saves its student. Idempotent.
+
+        Each transition is a compare-and-set; one that lost to a concurrent change (a queued run being
+        claimed) is retried from the new status."""
+        for _ in range(3):
+            if self._stop_once(self.get(run_id), pause):
+                break
+        return self.get(run_id)
+
+    def _stop_once(self, rec: RunRecord, pause: bool) -> bool:
+        """One attempt; False if the record changed under it."""
         target = RunStatus.PAUSED if pause else RunStatus.STOPPED
         if rec.status == RunStatus.QUEUED:
-            self.store.update_run(run_id, expect=(RunStatus.QUEUED,), status=target,
-                                  reason=f"{target} while queued", ended=time.time())
-        elif rec.status == RunStatus.PAUSED and not pause:
-            self.store.update_run(run_id, expect=(RunStatus.PAUSED,), status=RunStatus.STOPPED,
-                                  reason="stopped while paused")
-        elif rec.status in (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.DEGRADED):
-            if self.launcher.request_stop(run_id, pause):
-                self.store.update_run(run_id, expect=(rec.status,),
-                                      status=RunStatus.PAUSING if pause else RunStatus.STOPPING,
-                                      reason=f"{'pause' if pause else 'stop'} requested; finishing the current step")
-            else:
-                self.scheduler.refresh(rec, alive=False)
-        # stopping, pausing, stopped, paused (pause again), finished, failed: nothing to do
-        return self.get(run_id)
+            return self.store.update_run(rec.id, expect=(RunStatus.QUEUED,), status=target,
+                                         reason=f"{target} while queued", ended=time.time())
+        if rec.status == RunStatus.PAUSED and not pause:
+            return self.store.update_run(rec.id, expect=(RunStatus.PAUSED,), status=RunStatus.STOPPED,
+                                         reason="stopped while paused")
+        if rec.status not in (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.DEGRADED):
+            return True  # stopping, pausing, stopped, paused (pause again), finished, failed: nothing to do
+        verb = "pause" if pause else "stop"
+        reason = (f"{verb} requested while launching; the driver gets it once up" if rec.launch_began is not None
+                  else f"{verb} requested; finishing the current step")
+        # Recorded before the driver is asked: a launch in progress hands it over when it returns.
+        if not self.store.update_run(rec.id, expect=(rec.status,), reason=reason,
+                                     status=RunStatus.PAUSING if pause else RunStatus.STOPPING):
+            return False
+        rec = self.get(rec.id)
+        if rec.launch_began is None:  # launched (read after the write, so a launch ending now is not missed)
+            self.launcher.request_stop(rec.id, pause)  # no driver: the refresh below calls the run lost
+        self.reconciler.refresh(rec)
+        return True
 
     def resume(self, run_id: str, steps: int | None) -> RunRecord:
         rec = self.get(run_id)
@@ -135,35 +156,30 @@ class Control:
         cfg = rec.config
         if steps is not None:
             cfg.schedule.steps = steps
-        self.store.update_run(run_id, expect=(rec.status,), status=RunStatus.QUEUED,
-                              reason="queued: resume requested", resume=1,
-                              config_json=json.dumps(cfg.model_dump(mode="json")), ended=None)
-        return self.scheduler.try_start(self.get(run_id, refresh=False))
+        if not self.store.update_run(run_id, expect=(rec.status,), status=RunStatus.QUEUED,
+                                     reason="queued: resume requested", resume=1, ended=None,
+                                     config_json=json.dumps(cfg.model_dump(mode="json"))):
+            return self.get(run_id)  # a concurrent request changed it first (e.g. resumed it)
+        return self.scheduler.try_start(self.get(run_id))
 
     def delete(self, run_id: str) -> None:
+        """Delete a run that is not active, as a compare-and-set on the status read: a run resumed meanwhile
+        is not deleted (409)."""
         rec = self.get(run_id)
         if rec.status in ACTIVE:
             raise ApiError(409, f"run {run_id} is {rec.status}: stop it first (POST /v1/runs/{run_id}/stop), "
                            "then delete it")
-        self.launcher.reap(run_id, force=True)
-        self.store.delete_run(run_id)
+        if not self.store.delete_run(run_id, expect=rec.status):
+            now = self.get(run_id)  # 404 if a concurrent delete came first
+            raise ApiError(409, f"run {run_id} changed while being deleted (it is now {now.status}); stop it "
+                           "first, then delete it")
+        try:  # a driver still closing; left to the reconciler if the cluster does not answer now
+            self.launcher.reap(run_id, force=True)
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not remove the driver of deleted run %s: %s", run_id, err)
         out = Path(rec.output_dir)
         if out.is_dir() and self.settings.runs_root in out.resolve().parents:
             shutil.rmtree(out, ignore_errors=True)
-
-    def view(self, rec: RunRecord, history: bool = False) -> RunView:
-        cfg = rec.config
-        hist = None
-        if history:
-            hist = [StatusChange(status=h.status, reason=h.reason, step=h.step, time=h.time)
-                    for h in self.store.history(rec.id)]
-        return RunView(
-            id=rec.id, name=rec.name, status=rec.status, reason=rec.reason, step=rec.step,
-            steps=cfg.schedule.steps, policy_version=rec.policy_version, latest_metrics=rec.latest_metrics,
-            teacher=TeacherRef(kind=cfg.teacher.kind, url=cfg.teacher.url, teacher_id=rec.teacher_id),
-            output_dir=rec.output_dir, created=rec.created, updated=rec.updated, started=rec.started,
-            ended=rec.ended, history=hist,
-        )
 
     def is_terminal(self, status: RunStatus) -> bool:
         return status in TERMINAL

@@ -147,22 +147,31 @@ class RayLauncher:
 class InMemoryLauncher:
     """Runs that exist only as status files: `submit` writes `running`, a stop writes `stopped`/`paused`.
 
-    For tests of the HTTP layer and the fuzz; `fail_with` makes every submission fail with that reason.
+    For tests of the HTTP layer and the fuzz: `fail_with` makes every submission fail with that reason
+    (`fail_after_create`: after its driver exists, as when a Ray actor does not answer in time);
+    `gate`, while not set, holds each submission (a launch in progress).
     """
 
-    def __init__(self, cpus: float | None = None, fail_with: str | None = None):
+    def __init__(self, cpus: float | None = None, fail_with: str | None = None, fail_after_create: bool = False,
+                 gate: threading.Event | None = None):
         self.cpus = cpus
         self.fail_with = fail_with
+        self.fail_after_create = fail_after_create
+        self.gate = gate
         self.live: dict[str, dict[str, Any]] = {}
         self.submits: list[tuple[str, bool]] = []
         self._lock = threading.Lock()
 
     def submit(self, run_id: str, cfg: RunConfig, resume: bool) -> None:
-        if self.fail_with:
+        if self.fail_with and not self.fail_after_create:
             raise LaunchError(self.fail_with)
+        if self.gate is not None and not self.gate.wait(timeout=60):
+            raise LaunchError("the test never opened the launch gate")
         with self._lock:
             self.submits.append((run_id, resume))
             self.live[run_id] = {"cfg": cfg, "step": 0}
+        if self.fail_with:
+            raise LaunchError(self.fail_with)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         write_status(cfg.output_dir, RunStatus.RUNNING, step=0)
 

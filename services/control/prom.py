@@ -18,9 +18,7 @@ def render_metrics(store: Store) -> tuple[bytes, str]:
     tps = Gauge("onpolicy_run_tokens_per_second", "Sampled tokens/s of the last step", ["run_id"], registry=reg)
     latency = Gauge("onpolicy_run_teacher_score_seconds", "Teacher scoring time of the last step", ["run_id"],
                     registry=reg)
-    for rec in store.list_runs():
-        if rec.status not in ACTIVE:
-            continue
+    for rec in store.runs_in(ACTIVE):
         step.labels(rec.id).set(rec.step)
         m = rec.latest_metrics or {}
         if isinstance(m.get("tokens_per_second"), (int, float)):

@@ -12,12 +12,13 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from onpolicy.metrics import read_metrics
 from onpolicy.status import RunStatus, read_status
 from services.control.core import ApiError, Control
+from services.control.db import RunRecord, render_view
 from services.control.schemas import (
     Artifact,
     ArtifactList,
@@ -28,6 +29,7 @@ from services.control.schemas import (
     RunList,
     RunView,
 )
+from services.control.views import list_json, with_history
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -39,45 +41,55 @@ def _control(request: Request) -> Control:
     return request.app.state.control
 
 
+def _json(text: str, status_code: int = 200) -> Response:
+    """A body already rendered as JSON (`views`): FastAPI neither validates nor re-encodes it."""
+    return Response(text, status_code=status_code, media_type="application/json")
+
+
+def _view(rec: RunRecord, status_code: int = 200) -> Response:
+    return _json(with_history(rec.view_json or render_view(rec), None), status_code)
+
+
 @router.post("", status_code=201, response_model=RunView, responses=ERRORS,
              summary="Start a run from a config (queued if it does not fit now)")
-def create_run(body: CreateRun, request: Request) -> RunView:
-    c = _control(request)
-    return c.view(c.create_run(body.config, body.name, body.teacher_id))
+def create_run(body: CreateRun, request: Request) -> Response:
+    return _view(_control(request).create_run(body.config, body.name, body.teacher_id), 201)
 
 
+# The two reads clients poll: the stored views, from the database alone (the reconciler keeps them fresh).
+# `async def` on purpose: a read is one indexed query (~0.2 ms on SQLite), cheaper inline on the event loop
+# than a hop to the thread pool, whose threads contend for the GIL with the loop: with 20 clients, plain `def`
+# took 2.8 ms of CPU per request against 0.7 ms, and p99 74-124 ms against 35 ms.
 @router.get("", response_model=RunList, responses=ERRORS, summary="List runs (optionally by status)")
-def list_runs(request: Request, status: RunStatus | None = None) -> RunList:
-    c = _control(request)
-    return RunList(runs=[c.view(r) for r in c.store.list_runs(status=status)])
+async def list_runs(request: Request, status: RunStatus | None = None) -> Response:
+    return _json(list_json(_control(request).store.views(status=status)))
 
 
 @router.get("/{run_id}", response_model=RunView, responses=ERRORS,
             summary="A run: status, step, policy version, latest metrics, teacher, timestamps, reason")
-def get_run(run_id: str, request: Request) -> RunView:
-    c = _control(request)
-    return c.view(c.get(run_id), history=True)
+async def get_run(run_id: str, request: Request) -> Response:
+    found = _control(request).store.view(run_id)
+    if found is None:
+        raise ApiError(404, f"no run with id {run_id!r}")
+    return _json(with_history(*found))
 
 
 @router.post("/{run_id}/stop", response_model=RunView, responses=ERRORS,
              summary="Stop gracefully: finish the step, checkpoint, save the student (idempotent)")
-def stop_run(run_id: str, request: Request) -> RunView:
-    c = _control(request)
-    return c.view(c.stop(run_id, pause=False))
+def stop_run(run_id: str, request: Request) -> Response:
+    return _view(_control(request).stop(run_id, pause=False))
 
 
 @router.post("/{run_id}/pause", response_model=RunView, responses=ERRORS,
              summary="Like stop, but the run ends `paused` (resume it later)")
-def pause_run(run_id: str, request: Request) -> RunView:
-    c = _control(request)
-    return c.view(c.stop(run_id, pause=True))
+def pause_run(run_id: str, request: Request) -> Response:
+    return _view(_control(request).stop(run_id, pause=True))
 
 
 @router.post("/{run_id}/resume", response_model=RunView, responses=ERRORS,
              summary="Resume from the last checkpoint; optional {\"steps\": N} overrides schedule.steps")
-def resume_run(run_id: str, request: Request, body: Annotated[ResumeRun | None, Body()] = None) -> RunView:
-    c = _control(request)
-    return c.view(c.resume(run_id, body.steps if body else None))
+def resume_run(run_id: str, request: Request, body: Annotated[ResumeRun | None, Body()] = None) -> Response:
+    return _view(_control(request).resume(run_id, body.steps if body else None))
 
 
 @router.delete("/{run_id}", status_code=204, responses=ERRORS,
@@ -90,7 +102,7 @@ def delete_run(run_id: str, request: Request) -> None:
             summary="The metrics time series (metrics.jsonl), records with step > since_step")
 def get_metrics(run_id: str, request: Request, since_step: int = Query(-1, ge=-1, le=2**31),
                 kind: str | None = Query(None, pattern="^(train|eval)$")) -> MetricsView:
-    rec = _control(request).get(run_id, refresh=False)
+    rec = _control(request).get(run_id)
     records = [r for r in read_metrics(Path(rec.output_dir) / "metrics.jsonl", kind)
                if int(r.get("step", 0)) > since_step]
     return MetricsView(run_id=run_id, records=records)
@@ -145,7 +157,7 @@ def _size(path: Path) -> int:
 @router.get("/{run_id}/artifacts", response_model=ArtifactList, responses=ERRORS,
             summary="Checkpoints, the final student, the config and the metrics of a run")
 def list_artifacts(run_id: str, request: Request) -> ArtifactList:
-    rec = _control(request).get(run_id, refresh=False)
+    rec = _control(request).get(run_id)
     out = Path(rec.output_dir)
     items: list[Artifact] = []
     for ckpt in sorted((out / "checkpoints").glob("step_*")):
@@ -164,7 +176,7 @@ def list_artifacts(run_id: str, request: Request) -> ArtifactList:
 @router.get("/{run_id}/artifacts/student.tar.gz", responses={**ERRORS, 200: {"content": {"application/gzip": {}}}},
             summary="The final student (Hugging Face folder) as a tar.gz stream")
 def download_student(run_id: str, request: Request):
-    rec = _control(request).get(run_id, refresh=False)
+    rec = _control(request).get(run_id)
     student = Path(rec.output_dir) / "student"
     if not (student / "config.json").is_file():
         raise ApiError(404, f"run {run_id} has no final student yet (status {rec.status}); it is saved when the "

@@ -34,7 +34,10 @@ class Settings:
     ray_address: str | None = None
     """Ray cluster to join (RAY_ADDRESS); the API never starts its own, so runs survive it."""
     scheduler_interval_s: float = 1.0
-    """How often the background loop refreshes active runs and starts queued ones (0: no loop)."""
+    """How often the scheduler thread starts queued runs that fit (0: no thread; once at start-up)."""
+    reconcile_interval_s: float = 1.0
+    """How often the reconciler thread brings active runs' records up to date with their run directories and
+    drivers; the API's reads come from the records alone (0: no thread; once at start-up)."""
     launcher: Any = None
     """A `Launcher`; None: the Ray launcher. Tests inject `InMemoryLauncher`."""
     models_roots: list[str] = field(default_factory=list)
