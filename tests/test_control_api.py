@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pickle
 import tempfile
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,7 +30,7 @@ def make(tmp_path, **kw):
     launcher = kw.pop("launcher", None) or InMemoryLauncher()
     # Teachers on loopback (the scripted fakes) are allowed; model folders anywhere under /tmp (the fixtures').
     # No background loops: a test runs `reconciler.tick()` / `scheduler.tick()` where it needs a pass.
-    kw = {"scheduler_interval_s": 0, "reconcile_interval_s": 0, **kw}
+    kw = {"scheduler_interval_s": 0, "reconcile_interval_s": 0, "readiness_interval_s": 0, **kw}
     settings = Settings(data_dir=str(tmp_path), launcher=launcher, api_tokens=kw.pop("tokens", [TOKEN]),
                         teacher_allow_hosts=["127.0.0.1"], models_roots=[tempfile.gettempdir()], **kw)
     app = create_app(settings)
@@ -53,6 +54,24 @@ def test_healthz_needs_no_token_and_everything_else_does(api):
         bad = TestClient(api.app).get(path, headers={"Authorization": "Bearer wrong"})
         assert bad.status_code == 401 and "wrong" not in bad.text
     assert api.get("/v1/runs").status_code == 200
+
+
+def test_readyz_reports_the_cluster_and_the_database(api):
+    """Liveness stays 200 whatever happens; readiness follows the launcher (Ray) and the database, without a
+    token, and names the reason (the real Ray case: tests/test_control_ray.py)."""
+    anon = TestClient(api.app)
+    assert anon.get("/readyz").json() == {"ready": True, "reasons": []}
+    api.launcher.unready = "the cluster at 10.0.0.1:6379 does not answer (ConnectionError)"
+    r = anon.get("/readyz")
+    assert r.status_code == 503 and r.json()["reasons"] == [f"ray: {api.launcher.unready}"]
+    assert anon.get("/healthz").status_code == 200
+    db = Path(api.control.store.engine.url.database)  # the database file goes away: a directory stands there
+    api.control.store.engine.dispose()
+    db.rename(db.with_suffix(".moved"))
+    db.mkdir()
+    api.launcher.unready = None
+    r = anon.get("/readyz")
+    assert r.status_code == 503 and r.json()["reasons"][0].startswith("database: ")
 
 
 def test_invalid_config_lists_each_bad_field(api):

@@ -56,10 +56,11 @@ def kill_tree_matching(marker: str) -> None:
     psutil.wait_procs(victims, timeout=10)
 
 
-def start_ray_head(attempts: int = 2) -> tuple[str, str]:
+def start_ray_head(attempts: int = 2, port: int | None = None) -> tuple[str, str]:
     """`ray start --head` in its own temp dir; on a busy host its start-up can time out, so retry once."""
+    chosen = port
     for attempt in range(attempts):
-        temp_dir, port = f"/tmp/ray_ctl_{uuid.uuid4().hex[:8]}", free_port()
+        temp_dir, port = f"/tmp/ray_ctl_{uuid.uuid4().hex[:8]}", chosen or free_port()
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "4",
                "--disable-usage-stats", "--include-dashboard=false", "--temp-dir", temp_dir]
         try:
@@ -247,3 +248,24 @@ def test_resume_continues_from_the_checkpoint_and_finishes(api, state):
     assert "stopped" in history and history[-1] == "finished"
     d = httpx.delete(f"{api.url}/v1/runs/{run_id}", headers=AUTH, timeout=60)
     assert d.status_code == 204
+
+
+def test_readyz_is_503_while_ray_is_unreachable_and_200_once_it_answers(tmp_path):
+    """The control API pointed at a Ray address where nothing listens yet: alive (/healthz 200) but not ready
+    (/readyz 503 naming Ray); once a head starts there, ready."""
+    port = free_port()
+    a = Api(f"127.0.0.1:{port}", tmp_path / "control").start()
+    temp_dir = None
+    try:
+        def not_ready():
+            r = httpx.get(f"{a.url}/readyz", timeout=30)
+            return r if r.status_code == 503 and any(x.startswith("ray: ") for x in r.json()["reasons"]) else None
+
+        r = wait_for(not_ready, 60, "/readyz 503 naming Ray")
+        assert str(port) in r.json()["reasons"][0] and httpx.get(f"{a.url}/healthz", timeout=30).status_code == 200
+        _, temp_dir = start_ray_head(port=port)
+        wait_for(lambda: httpx.get(f"{a.url}/readyz", timeout=30).status_code == 200, 180, "/readyz 200 with Ray up")
+    finally:
+        a.kill()
+        if temp_dir:
+            kill_tree_matching(temp_dir)

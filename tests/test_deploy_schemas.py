@@ -662,3 +662,15 @@ def test_compose_run_config_points_at_the_compose_teacher():
     assert cfg.model.student.startswith("/models/") and "models:/models" in services["ray-worker"]["volumes"]
     with pytest.raises(ConfigError):  # the loader is strict, so these tests mean something
         load_config(None, ["resources.worker_num_cpuz=1"])
+
+
+def test_probes_ask_readiness_not_liveness():
+    """Compose health checks and Kubernetes readiness probes call /readyz (the database and Ray answer, the
+    teacher's engine is loaded); liveness probes keep /healthz (a slow Ray must not restart the API)."""
+    services = compose_config()["services"]
+    for name in ("control", "teacher", "teacher-1"):
+        assert "/readyz" in " ".join(services[name]["healthcheck"]["test"]), name
+    probes = [c for _, doc in manifests() if doc.get("kind") == "Deployment"
+              for c in doc["spec"]["template"]["spec"]["containers"]]
+    assert probes and all(c["readinessProbe"]["httpGet"]["path"] == "/readyz" for c in probes)
+    assert all(c["livenessProbe"]["httpGet"]["path"] == "/healthz" for c in probes)

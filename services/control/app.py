@@ -19,6 +19,7 @@ from services.body_limit import BodyLimit
 from services.control.auth import make_auth_dependency
 from services.control.core import ApiError, Control
 from services.control.periodic import Periodic
+from services.control.readiness import Readiness
 from services.control.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,15 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     control = Control(settings)
+    readiness = Readiness(control.store, control.launcher, settings.readiness_interval_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Each loop's first pass runs at once, in the background (/healthz answers even while Ray is slow to
         # join); an interval of 0 means one pass here instead. Reconcile first: the scheduler counts active runs.
         loops = []
+        if settings.readiness_interval_s > 0:
+            loops.append(Periodic("control-readiness", readiness.probe, settings.readiness_interval_s).start())
         for name, fn, interval_s in (("control-reconciler", control.reconciler.tick, settings.reconcile_interval_s),
                                      ("control-scheduler", control.scheduler.tick, settings.scheduler_interval_s)):
             if interval_s > 0:
@@ -66,6 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", tags=["ops"], summary="Liveness (no auth)")
     def healthz() -> dict:
         return {"ok": True}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness (no auth): the database and the Ray cluster answer; 503 "
+             "with the reasons if not")
+    def readyz() -> JSONResponse:
+        ready, reasons = readiness.state()
+        return JSONResponse({"ready": ready, "reasons": reasons}, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics: runs by status, steps, teacher latency",
              response_class=Response)

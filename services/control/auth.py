@@ -1,4 +1,4 @@
-"""Bearer-token auth: every endpoint but /healthz (and the docs) needs a token when tokens are configured."""
+"""Bearer-token auth: every endpoint but /healthz, /readyz (and the docs) needs a token when tokens are configured."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import HTTPException, Request
 
-PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 
 
 def token_ok(header: str | None, tokens: list[str]) -> bool:

@@ -176,6 +176,11 @@ class Store:
         self._views, self._views_by_status, self._view, self._history = (
             HotRead(self.engine, q) for q in (_VIEWS, _VIEWS_BY_STATUS, _VIEW, _HISTORY_ROWS))
 
+    def ping(self) -> None:
+        """One round trip to the database (raises if it cannot be reached)."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._session.begin() as s:

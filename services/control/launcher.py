@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -41,6 +42,21 @@ class Launcher(Protocol):
     def free_cpus(self) -> float | None:
         """CPUs the cluster has free (None: unknown, do not limit)."""
 
+    def ready(self) -> str | None:
+        """None when runs can be launched and watched now, else why not (one short phrase)."""
+
+
+def gcs_listening(address: str, timeout_s: float = 2.0) -> None:
+    """LaunchError at once if nothing listens at a `host:port` address: `ray.init` would retry for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto` and the like: Ray finds the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise LaunchError(f"nothing answers at the Ray address {address} ({err.strerror or type(err).__name__}). "
+                          "Start the cluster (`ray start --head`) or fix RAY_ADDRESS.") from err
+
 
 class RayLauncher:
     """Joins the cluster at `address` (RAY_ADDRESS, or `auto`: a cluster already running on this host).
@@ -63,6 +79,7 @@ class RayLauncher:
                 if ray.is_initialized():
                     ray.shutdown()
                 match_cluster_auth(self.address)
+                gcs_listening(self.address)
                 try:
                     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
                     ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
@@ -143,6 +160,17 @@ class RayLauncher:
         except LaunchError:
             return None
 
+    def ready(self) -> str | None:
+        try:
+            ray = self._ray()
+        except LaunchError as err:
+            return f"cannot join the cluster at {self.address} ({type(err.__cause__ or err).__name__})"
+        try:
+            ray.cluster_resources()
+        except Exception as err:  # noqa: BLE001 -- a reason, not an error
+            return f"the cluster at {self.address} does not answer ({type(err).__name__})"
+        return None
+
 
 class InMemoryLauncher:
     """Runs that exist only as status files: `submit` writes `running`, a stop writes `stopped`/`paused`.
@@ -158,6 +186,7 @@ class InMemoryLauncher:
         self.fail_with = fail_with
         self.fail_after_create = fail_after_create
         self.gate = gate
+        self.unready: str | None = None  # what `ready()` says (None: ready)
         self.live: dict[str, dict[str, Any]] = {}
         self.submits: list[tuple[str, bool]] = []
         self._lock = threading.Lock()
@@ -194,6 +223,9 @@ class InMemoryLauncher:
 
     def free_cpus(self) -> float | None:
         return self.cpus
+
+    def ready(self) -> str | None:
+        return self.unready
 
     def lose(self, run_id: str) -> None:
         """Simulate a driver that died (node lost) without writing a final status."""

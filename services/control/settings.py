@@ -38,6 +38,8 @@ class Settings:
     reconcile_interval_s: float = 1.0
     """How often the reconciler thread brings active runs' records up to date with their run directories and
     drivers; the API's reads come from the records alone (0: no thread; once at start-up)."""
+    readiness_interval_s: float = 2.0
+    """How often the readiness probe asks the database and the Ray cluster (0: inside each /readyz)."""
     launcher: Any = None
     """A `Launcher`; None: the Ray launcher. Tests inject `InMemoryLauncher`."""
     models_roots: list[str] = field(default_factory=list)

@@ -9,7 +9,8 @@ Endpoints (wire types from `onpolicy.types`):
   (`usage`: prompt tokens, once per prompt, and tokens generated). Not merged with other requests:
   it runs alone on the engine thread, between merged score calls (`ScoreBatcher.run_exclusive`).
 - `GET /v1/info`: `TeacherInfo` (model name, vocab size, tokenizer fingerprint, BOS/EOS, max top-k).
-- `GET /healthz`: liveness, never needs the token.
+- `GET /healthz`: liveness, never needs the token. `GET /readyz`: ready to score (the server listens
+  only once its engine is loaded), never needs the token; the probe compose and Kubernetes use.
 - `GET /metrics`: Prometheus text from this app's own `CollectorRegistry` (several apps in one
   process, as in tests, do not share counters).
 
@@ -70,8 +71,8 @@ from services.teacher.batcher import QueueFull, ScoreBatcher
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-OPEN_PATHS = frozenset({"/healthz"})
-KNOWN_PATHS = frozenset({"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+KNOWN_PATHS = frozenset({"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/readyz", "/metrics"})
 QUEUED_PATHS = frozenset({"/v1/score", "/v1/generate"})  # the ones that wait for the engine
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -372,6 +373,11 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict:
+        """Ready to score: the server listens only once its engine has loaded (`serve` loads it first)."""
+        return {"ready": True, "model": info.model}
 
     @app.get("/v1/info", response_model=TeacherInfo)
     async def get_info() -> TeacherInfo:
