@@ -62,6 +62,11 @@ class RunActor:
     def ping(self) -> str:
         return "ok"
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def start(self) -> None:
         """Start training in a background thread (a second call does nothing)."""
         if self._thread is not None:

@@ -132,7 +132,7 @@ def toy_config(student: Path, teacher: Path) -> dict:
         "optim": {"lr": 0.003, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 8},
         "schedule": {"steps": 5000},
         "eval": {"every": 0, "num_prompts": 8, "ood_num_prompts": 4},
-        "checkpoint": {"every": 0, "keep": 1},
+        "checkpoint": {"every": 2, "keep": 1},
     }
 
 
@@ -212,6 +212,31 @@ def test_sigkill_of_the_api_leaves_the_run_training(api, state):
     wait_for(lambda: max(train_steps(api, run_id)) > during + 1, 120, "steps after the restart")
     steps = train_steps(api, run_id)
     assert steps == list(range(1, len(steps) + 1))  # strictly increasing, no repeats
+
+
+def test_a_killed_driver_fails_the_run_and_a_resume_carries_on(api, state):
+    """SIGKILL the run's driver actor (its process, by the pid it reports): the reconciler marks the run failed
+    (driver lost); a resume restarts it from the last checkpoint, and every step's metrics appear once."""
+    run_id = state["id"]
+    wait_for(lambda: any(a["name"].startswith("checkpoints/step_")
+                         for a in api.get(f"/v1/runs/{run_id}/artifacts").json()["artifacts"]), 120, "a checkpoint")
+    code = ("import ray; ray.init(address='auto', namespace='onpolicy', log_to_driver=False); "
+            f"print(ray.get(ray.get_actor('onpolicy-run-{run_id}').pid.remote()))")
+    out = subprocess.run([sys.executable, "-c", code], env={**ray_env(), "RAY_ADDRESS": api.ray_address},
+                         capture_output=True, text=True, timeout=120, check=True)
+    t0 = time.monotonic()
+    os.kill(int(out.stdout.strip().splitlines()[-1]), signal.SIGKILL)  # the driver of the run this module started
+    view = wait_for(lambda: (v := api.get(f"/v1/runs/{run_id}").json())["status"] == "failed" and v, 120,
+                    "status failed")
+    assert "driver lost" in view["reason"], view["reason"]
+    killed_at = max(train_steps(api, run_id))
+    r = api.post(f"/v1/runs/{run_id}/resume")
+    assert r.status_code == 200, r.text
+    wait_for(lambda: max(train_steps(api, run_id)) > killed_at, 300, "steps after the resume")
+    print(f"driver killed at step {killed_at}: failed and resumed, training again after {time.monotonic() - t0:.0f}s")
+    steps = train_steps(api, run_id)
+    assert steps == list(range(1, len(steps) + 1))  # the steps after the checkpoint were logged once, not twice
+    assert api.get(f"/v1/runs/{run_id}").json()["status"] == "running"
 
 
 def test_stop_is_graceful_and_idempotent(api, state):
