@@ -20,7 +20,8 @@ TOKEN = "fuzz-token"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     return create_app(Settings(data_dir=str(tmp_path_factory.mktemp("fuzz")), launcher=InMemoryLauncher(),
-                               scheduler_interval_s=0, reconcile_interval_s=0, api_tokens=[TOKEN], max_concurrent_runs=2))
+                               scheduler_interval_s=0, reconcile_interval_s=0, readiness_interval_s=0,
+                               api_tokens=[TOKEN], max_concurrent_runs=2))
 
 
 def _operations(app):

@@ -109,6 +109,8 @@ def test_policy_resolution_and_cidrs():
     assert p.check_teacher_url("http://teacher:8100/", "u") == "http://teacher:8100"
     assert p.check_teacher_url("http://10.1.2.3:8000", "u") == "http://10.1.2.3:8000"
     assert p.check_teacher_url("https://pub/v1", "u") == "https://pub/v1"
+    with pytest.raises(PolicyError, match="does not resolve"):  # found by the fuzz: IDNA refuses an empty label
+        Policy().check_teacher_url("http://.base_layer.", "u")  # the real resolver
     for bad in ("http://evil", "http://127.0.0.1:1", "http://[::1]:1", "ftp://pub", "http://pub?x=1"):
         with pytest.raises(PolicyError):
             p.check_teacher_url(bad, "u")

@@ -26,7 +26,7 @@ def test_no_5xx(app):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=auth)  # the spec needs it too
     ops = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in ops} == {"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/metrics"}
+    assert {op.path for op in ops} == {"/v1/score", "/v1/generate", "/v1/info", "/healthz", "/readyz", "/metrics"}
 
     failures: list[str] = []
     statuses: set[int] = set()

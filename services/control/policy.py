@@ -90,7 +90,7 @@ class Policy:
             addresses = None
         try:
             addresses = addresses or self.resolver(u.host)
-        except OSError:
+        except (OSError, UnicodeError):  # UnicodeError: a label IDNA refuses (empty, over 63 characters)
             raise PolicyError(where, f"{where}: the host {u.host!r} does not resolve") from None
         if not self._allowed(u.host, addresses):
             for a in addresses:
