@@ -164,6 +164,7 @@ class Run:
         self.faults = FaultCounts()  # actors that died and were brought back
         self._recover_lock = threading.Lock()
         self._worker_pids: list[int] = []  # a pid that changed is a worker Ray restarted
+        self._closing = False  # close() is killing the actors: nothing is brought back
         # One thread per batch in flight: each waits for its rollouts and scores them as they land.
         self._scorer = ThreadPoolExecutor(cfg.schedule.max_staleness + 1, thread_name_prefix="sample-score")
         self._lock = threading.Lock()
@@ -264,10 +265,15 @@ class Run:
 
         from onpolicy.rollout.worker import make_rollout_workers
 
+        if self._closing:
+            raise err
         with self._recover_lock:
             t0 = time.perf_counter()
             action = "restarted"
-            if not wait_until_back(self.workers[i], self.cfg.resources.restart_timeout_s):
+            if not wait_until_back(self.workers[i], self.cfg.resources.restart_timeout_s,
+                                   give_up=lambda: self._closing):
+                if self._closing:
+                    raise err
                 ray.kill(self.workers[i], no_restart=True)
                 self.workers[i] = make_rollout_workers(1, self.student_path, self.cfg, seed_offset=i)[0]
                 action = "re-created"
@@ -600,6 +606,7 @@ class Run:
         """Stop this run's actors and close the log (safe to call twice)."""
         import ray
 
+        self._closing = True
         if self.log is not None:
             self.log.close()
         for actor in self.workers:

@@ -6,6 +6,7 @@ Ray is imported inside the functions, so importing this module costs nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 _ACTOR_CLASSES: dict[type, Any] = {}
@@ -87,16 +88,17 @@ def died(err: BaseException, handle: Any) -> bool:
     return (actor_id.hex() if isinstance(actor_id, bytes) else str(actor_id)) == handle._actor_id.hex()
 
 
-def wait_until_back(handle: Any, timeout_s: float, poll_s: float = 0.5) -> bool:
+def wait_until_back(handle: Any, timeout_s: float, poll_s: float = 0.5,
+                    give_up: Callable[[], bool] = lambda: False) -> bool:
     """Wait until the actor behind `handle` answers `ready()` again (Ray restarts an actor created with
     `max_restarts`, re-running its constructor); False if it has not within `timeout_s` (restarts spent,
-    or its node gone): then the caller creates a new one."""
+    or its node gone): then the caller creates a new one. `give_up()` true (the run is closing): False."""
     import time
 
     import ray
 
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not give_up():
         try:
             ray.get(handle.ready.remote(), timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             return True

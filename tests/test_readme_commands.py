@@ -39,10 +39,16 @@ def readme_blocks() -> dict[str, list[str]]:
             for m in BLOCK.finditer(text)}
 
 
+# The README's long jobs and the smoke variant run here instead ("" : run elsewhere, see the test's doc).
+SMOKE = {"onpolicy bench --steps 20": "onpolicy bench --steps 2", "onpolicy demo --out runs/demo": ""}
+
+
 def test_readme_has_the_tested_blocks():
     blocks = readme_blocks()
-    assert {"control-server", "control-client"} <= set(blocks), blocks.keys()
+    assert {"control-server", "control-client", "commands"} <= set(blocks), blocks.keys()
     assert any(line.startswith("ray start --head") for line in blocks["control-server"])
+    long_jobs = {line.split("#")[0].strip() for line in blocks["commands"]} & set(SMOKE)
+    assert long_jobs == set(SMOKE), "the README's long jobs changed: update SMOKE"
 
 
 @pytest.fixture
@@ -103,3 +109,24 @@ def test_control_plane_commands_verbatim(fresh_user):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_commands_verbatim(fresh_user):
+    """The README's Commands block, line by line, in a fresh directory: build the toy models, train, resume,
+    evaluate, export int8, bench (smoke). The demo's smoke variant is tests/test_demo.py."""
+    cwd, env = fresh_user
+    ran = []
+    for line in readme_blocks()["commands"]:
+        cmd = line.split("  #")[0].strip()
+        cmd = SMOKE.get(cmd, cmd)
+        if not cmd:
+            continue
+        res = subprocess.run(["bash", "-ec", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                             check=False)
+        assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        ran.append((cmd, res.stdout))
+    outputs = dict(ran)
+    assert '"steps": 30' in outputs["onpolicy train configs/toy.yaml schedule.steps=30 --resume"]
+    assert (cwd / "runs" / "toy" / "checkpoints" / "step_0000030").is_dir()
+    assert (cwd / "runs" / "toy" / "student-int8" / "export_report.json").is_file()
+    assert len(ran) == len(readme_blocks()["commands"]) - 1  # every line but the demo ran here

@@ -77,6 +77,7 @@ class ActorTeacher:
         self._lock = threading.Lock()
         self._recover_lock = threading.Lock()
         self._incarnation = 0  # bumped by each recovery, so threads that saw the same death recover once
+        self._closed = False  # closed on purpose: a call that sees the actor gone does not wait for it
 
     @property
     def source(self) -> str:
@@ -96,7 +97,7 @@ class ActorTeacher:
             try:
                 return ray.get(getattr(self.handle, method).remote(*args, **kwargs))
             except Exception as err:
-                if not is_actor_death(err) or attempt == self.max_restarts:
+                if not is_actor_death(err) or attempt == self.max_restarts or self._closed:
                     raise
                 self._recover(seen, err)
         raise AssertionError("unreachable")
@@ -110,8 +111,8 @@ class ActorTeacher:
                 return  # another thread already brought it back
             t0 = time.perf_counter()
             action = "restarted"
-            if not wait_until_back(self.handle, self.restart_timeout_s):
-                if self._restart is None:
+            if not wait_until_back(self.handle, self.restart_timeout_s, give_up=lambda: self._closed):
+                if self._restart is None or self._closed:
                     raise RuntimeError(f"the local teacher actor died and did not come back within "
                                        f"{self.restart_timeout_s}s ({err})") from err
                 ray.kill(self.handle, no_restart=True)
@@ -163,6 +164,7 @@ class ActorTeacher:
     def close(self) -> None:
         import ray
 
+        self._closed = True
         ray.kill(self.handle)
 
 
