@@ -37,7 +37,7 @@ def main() -> None:
 
     from onpolicy.config import RunConfig
     from onpolicy.learner.actor import make_learner_actor
-    from onpolicy.rollout.pool import check_push, push_weights_async
+    from onpolicy.rollout.pool import check_push, open_collective, push_collective_async, push_weights_async
     from onpolicy.rollout.worker import make_rollout_workers
     from onpolicy.types import ScoreRequestItem
 
@@ -47,18 +47,14 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     learner = make_learner_actor(cfg, pair.student)
     workers = make_rollout_workers(args.workers, pair.student, cfg)
+    open_collective(learner, workers)
     meta = ray.get(learner.weight_meta.remote())
-    address, port = ray.get(learner.endpoint.remote())
-    world = 1 + len(workers)
-    ray.get([learner.open_sync.remote(address, port, world, 120.0)]
-            + [w.open_sync.remote(address, port, i + 1, world, meta, 120.0) for i, w in enumerate(workers)])
 
     def object_store(version: int) -> None:
         check_push(ray.get(push_weights_async(learner.weight_update.remote(), workers)), None)
 
     def collective(version: int) -> None:
-        learner.broadcast_weights.remote()
-        check_push(ray.get([w.receive_weights.remote() for w in workers]), None)
+        check_push(ray.get(push_collective_async(learner, workers)), None)
 
     times: dict[str, list[float]] = {"object store": [], "collective": []}
     for i in range(args.pushes + 1):  # the first of each is a warm-up

@@ -55,6 +55,8 @@ from onpolicy.rollout.pool import (
     check_push,
     gather,
     launch_generate,
+    open_collective,
+    push_collective_async,
     push_weights,
     push_weights_async,
 )
@@ -362,18 +364,11 @@ class Run:
     def _open_weight_sync(self) -> bool:
         """Form the broadcast group (learner rank 0 + every engine) when `rollout.weight_sync` allows it;
         `auto` falls back to the object store when it cannot be formed (a LoRA student always uses it)."""
-        import ray
-
         mode = self.cfg.rollout.weight_sync
         if mode == "object_store" or self.cfg.model.lora is not None:
             return False
         try:
-            meta = ray.get(self.learner.weight_meta.remote())
-            address, port = ray.get(self.learner.endpoint.remote())
-            world, timeout = 1 + len(self.workers), 120.0
-            ray.get([self.learner.open_sync.remote(address, port, world, timeout)]
-                    + [w.open_sync.remote(address, port, i + 1, world, meta, timeout)
-                       for i, w in enumerate(self.workers)], timeout=timeout)
+            open_collective(self.learner, self.workers)
             return True
         except Exception:
             if mode == "collective":
@@ -390,8 +385,7 @@ class Run:
         """Queue the learner's current weights on every worker; the refs of the versions they will serve."""
         self.push_by = "collective" if self.collective else "object_store"
         if self.collective:
-            self.learner.broadcast_weights.remote()
-            return [w.receive_weights.remote() for w in self.workers]
+            return push_collective_async(self.learner, self.workers)
         return push_weights_async(self.learner.weight_update.remote(), self.workers)
 
     def set_status(self, status: RunStatus, reason: str | None = None) -> None:

@@ -48,12 +48,19 @@ def kill_tree_matching(marker: str) -> None:
                 victims += [p, *p.children(recursive=True)]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for p in victims:
+    kill_procs(victims)
+
+
+def kill_procs(procs: list) -> None:
+    """SIGKILL these psutil processes (ours) and wait for them; ones already gone are skipped."""
+    import psutil
+
+    for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=10)
+    psutil.wait_procs(procs, timeout=10)
 
 
 def start_ray_head(attempts: int = 2, port: int | None = None) -> tuple[str, str]:

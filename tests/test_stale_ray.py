@@ -14,21 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from fakes.server import free_port
+
+from tests.test_control_ray import kill_procs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path("/tmp/ray/ray_current_cluster")
-
-
-def _kill(procs: list[psutil.Process]) -> None:
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=15)
 
 
 def test_train_without_ray_address_ignores_a_stale_cluster_record(tiny_model_dir, tiny_teacher_dir, tmp_path):
@@ -47,7 +39,7 @@ def test_train_without_ray_address_ignores_a_stale_cluster_record(tiny_model_dir
             time.sleep(0.5)
         time.sleep(2.0)  # let it spawn its processes, then kill them all, by pid
         tree += tree[0].children(recursive=True)
-        _kill(tree)
+        kill_procs(tree)
         assert f":{port}" in RECORD.read_text()  # the record now points at a dead cluster
         res = subprocess.run(
             [sys.executable, "-m", "onpolicy.cli", "train", "configs/toy.yaml", f"model.student={tiny_model_dir}",
@@ -59,7 +51,7 @@ def test_train_without_ray_address_ignores_a_stale_cluster_record(tiny_model_dir
         assert '"steps": 2' in res.stdout
         assert "Failed to connect" not in res.stderr and "ConnectionError" not in res.stderr
     finally:
-        _kill(tree)
+        kill_procs(tree)
         if saved is None:
             RECORD.unlink(missing_ok=True)
         else:

@@ -157,3 +157,23 @@ def check_push(versions: list[int], expected: int | None) -> list[int]:
             + ", ".join(f"worker {i}: {v}" for i, v in bad)
         )
     return versions
+
+
+def open_collective(learner: Any, workers: list[Any], timeout_s: float = 120.0) -> None:
+    """Form the weight-sync group: the learner's rank 0 (it hosts the store) and every worker, which learns the
+    names, shapes and dtype of a push once (`engines/collective.py`). Raises if the group cannot form."""
+    import ray
+
+    meta = ray.get(learner.weight_meta.remote())
+    address, port = ray.get(learner.endpoint.remote())
+    world = 1 + len(workers)
+    ray.get([learner.open_sync.remote(address, port, world, timeout_s)]
+            + [w.open_sync.remote(address, port, i + 1, world, meta, timeout_s) for i, w in enumerate(workers)],
+            timeout=timeout_s)
+
+
+def push_collective_async(learner: Any, workers: list[Any]) -> list[Any]:
+    """Broadcast the learner's current weights to every worker; the refs of the versions they will serve
+    (queued behind their sampling in flight, as `push_weights_async`)."""
+    learner.broadcast_weights.remote()
+    return [w.receive_weights.remote() for w in workers]
