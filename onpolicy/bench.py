@@ -15,7 +15,8 @@ import statistics
 import tempfile
 
 from onpolicy.config import load_config
-from onpolicy.driver import STAGES, Run
+from onpolicy.driver import Run
+from onpolicy.step_stats import STAGES
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, float]]:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from onpolicy.driver import NonFinite, NonFiniteSteps
 from onpolicy.learner.core import Learner
+from onpolicy.step_stats import NonFinite, NonFiniteSteps
 from onpolicy.types import TeacherScores
 from tests.test_learner import fixed_rollouts, make_cfg, teacher_scores, tiny_model  # noqa: F401 (fixture)
 

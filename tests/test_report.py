@@ -6,11 +6,11 @@ import math
 import pytest
 
 from onpolicy.bench import summarise
-from onpolicy.driver import STAGES, stage_metrics
 from onpolicy.heldout import mean_reverse_kl
 from onpolicy.metrics import MetricsLog, read_metrics
 from onpolicy.report import build_report, format_table, gap_closed, plot_eval
 from onpolicy.rollout.pool import shard
+from onpolicy.step_stats import STAGES, stage_metrics
 from onpolicy.types import Rollout
 
 
@@ -98,7 +98,7 @@ def test_overlap_is_busy_time_over_wall_time():
 
 
 def test_staleness_filter_drops_what_is_more_than_k_behind():
-    from onpolicy.driver import staleness_filter
+    from onpolicy.step_stats import staleness_filter
 
     keep, lags = staleness_filter([5, 4, 3, 5], learner_version=5, max_staleness=1)
     assert keep == [0, 1, 3] and lags == [0, 1, 2, 0]
