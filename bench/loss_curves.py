@@ -26,22 +26,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def answer_positions(model, examples) -> dict:
+def answer_batch(examples):
+    """The held-out prompts with their correct answers, tokenised once for `answer_positions`:
+    (input ids, attention mask, answer-target mask, end-token id)."""
+    from onpolicy.toy.models import _Codec, make_batch
+
+    codec = _Codec()
+    return (*make_batch(codec, examples), codec.eos)
+
+
+def answer_positions(model, batch) -> dict:
     """Teacher-forced on the correct answers: per answer position (d1 = first emitted digit, the units),
     (mean p(right token), argmax accuracy); `eos` for the end token; `ent` = mean entropy (nats)."""
     import torch
 
-    from onpolicy.toy.models import _Codec, make_batch
-
-    codec = _Codec()
-    ids_BL, attn_BL, mask_BT = make_batch(codec, examples)
+    ids_BL, attn_BL, mask_BT, eos = batch
     with torch.no_grad():
         logp_BTV = torch.log_softmax(model(input_ids=ids_BL, attention_mask=attn_BL).logits.float(), -1)[:, :-1]
     target_BT, mask_BT = ids_BL[:, 1:], mask_BT.bool()
     p_right_BT = logp_BTV.gather(-1, target_BT.unsqueeze(-1)).squeeze(-1).exp()
     right_BT = logp_BTV.argmax(-1) == target_BT
     index_BT = mask_BT.long().cumsum(1)  # 1 = first answer token
-    is_eos_BT = mask_BT & (target_BT == codec.eos)
+    is_eos_BT = mask_BT & (target_BT == eos)
     out = {}
     for name, sel in [*((f"d{k}", mask_BT & (index_BT == k) & ~is_eos_BT) for k in range(1, 6)), ("eos", is_eos_BT)]:
         if sel.any():
@@ -75,8 +81,9 @@ def main() -> None:
     teacher = HFTeacher(cfg.teacher.model, batch_size=256)
     source = PromptSource(cfg.data, cfg.eval, cfg.seed)
     t0, curve, kls = time.time(), [(0, greedy_accuracy(learner.model, source.heldout))], []
+    answers = answer_batch(source.heldout)
     print(f"{name} step 0: held-out exact match {curve[0][1]:.3f}, (p right, accuracy) by answer position "
-          f"{answer_positions(learner.model, source.heldout)}", flush=True)
+          f"{answer_positions(learner.model, answers)}", flush=True)
     for step in range(1, int(steps) + 1):
         prompts = encode_prompts(learner.tokenizer, source.batch(cfg.rollout.prompts_per_step))
         sampler.model.load_state_dict(learner.model.state_dict())
@@ -91,7 +98,7 @@ def main() -> None:
             curve.append((step, greedy_accuracy(learner.model, source.heldout)))
             print(f"{name} step {step}: held-out exact match {curve[-1][1]:.3f}, sampled reverse KL (last 50) "
                   f"{sum(kls[-50:]) / 50:.3f}, completion length {metrics['completion_len_mean']:.2f} "
-                  f"({time.time() - t0:.0f}s); by answer position {answer_positions(learner.model, source.heldout)}",
+                  f"({time.time() - t0:.0f}s); by answer position {answer_positions(learner.model, answers)}",
                   flush=True)
     print("RESULT", name, json.dumps([(s, round(a, 3)) for s, a in curve]),
           "kl_first20", round(sum(kls[:20]) / 20, 3), "kl_last20", round(sum(kls[-20:]) / 20, 3), flush=True)
