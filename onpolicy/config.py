@@ -287,8 +287,16 @@ class LossConfig(_Section):
     )
 
 
+# The learning rate a loss gets when optim.lr is not set (README, "What the loss choice does").
+DEFAULT_LR = {"reverse_kl": 3e-4}
+
+
 class OptimConfig(_Section):
-    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    lr: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Peak learning rate (AdamW). null: the loss's default, 3e-4 for the sampled `reverse_kl` "
+        "(policy-gradient steps: 1e-3 collapses it on the toy) and 1e-3 for every other loss.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     beta2: float = Field(0.99, ge=0.0, lt=1.0, description="AdamW beta2.")
@@ -412,6 +420,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if self.optim.lr is None:  # after validation lr is always a number
+            self.optim.lr = DEFAULT_LR.get(self.loss.kind, 1e-3)
         if self.loss.kind not in ("reverse_kl", "sft") and self.teacher.top_k == 0:
             raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k: set teacher.top_k > 0")
         if self.model.dtype == "float16" and not self.optim.loss_scaling:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy.config import ConfigError, RunConfig, apply_overrides, dump_config, load_config
+from onpolicy.config import DEFAULT_LR, ConfigError, RunConfig, apply_overrides, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -59,6 +59,16 @@ def test_resolved_config_round_trips(tmp_path):
     dump_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg and again.schedule.steps == 7
+
+
+def test_lr_defaults_per_loss_and_an_explicit_lr_wins(tmp_path):
+    toy = ROOT / "configs/toy.yaml"  # sets no optim.lr
+    assert load_config(toy, ["loss.kind=reverse_kl"]).optim.lr == DEFAULT_LR["reverse_kl"] == 3e-4
+    assert load_config(toy, ["loss.kind=topk_reverse_kl"]).optim.lr == 1e-3
+    assert load_config(toy, ["loss.kind=reverse_kl", "optim.lr=0.002"]).optim.lr == 0.002
+    # The resolved number is what a dump holds, so a resumed run keeps it whatever the defaults become.
+    dump_config(load_config(toy, ["loss.kind=reverse_kl"]), tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml", ["loss.kind=jsd"]).optim.lr == 3e-4
 
 
 def test_every_field_is_documented_and_bounded_numbers():

@@ -31,7 +31,7 @@ def test_demo_writes_report_plot_and_student(tmp_path):
         assert key in rep, key
     assert rep["steps"] == 4
     assert rep["teacher_accuracy"] >= 0.95  # the prebuilt toy teacher
-    assert rep["student_accuracy_before"] <= 0.40  # the weak toy student
+    assert rep["student_accuracy_before"] <= 0.75  # the mid-trained toy student, well short of the teacher
     assert rep["heldout_reverse_kl_before"] > 0
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "student" / "model.safetensors").is_file()

@@ -95,10 +95,11 @@ def test_teacher_is_calibrated_not_one_hot(heldout):
     assert -9.0 < worst < -2.0, worst  # wrong digits keep some mass
 
 
-def test_student_starts_weak_but_knows_the_format(heldout):
+def test_student_is_mid_trained_and_knows_the_format(heldout):
+    """Part of the skill, well short of the teacher: room for distillation, and a start reverse KL learns from."""
     from onpolicy.toy.models import greedy_decode
 
-    assert greedy_accuracy(ASSETS_DIR / "student", heldout) <= 0.40
+    assert 0.45 <= greedy_accuracy(ASSETS_DIR / "student", heldout) <= 0.75
     outs = greedy_decode(ASSETS_DIR / "student", heldout[:64])
     # It emits digits then EOS (greedy_decode strips at EOS), of roughly the right length.
     assert all(o.isdigit() and 1 <= len(o) <= 5 for o in outs)
