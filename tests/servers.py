@@ -94,3 +94,15 @@ def stop_server(proc: subprocess.Popen, grace: float = 15.0) -> int:
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def kill_procs(procs: list) -> None:
+    """SIGKILL these psutil processes (ours) and wait for them; ones already gone are skipped."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)

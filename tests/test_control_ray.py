@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import REPO_ROOT, free_port, wait_healthy
+from tests.servers import REPO_ROOT, free_port, kill_procs, wait_healthy
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-ray"
@@ -49,18 +49,6 @@ def kill_tree_matching(marker: str) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     kill_procs(victims)
-
-
-def kill_procs(procs: list) -> None:
-    """SIGKILL these psutil processes (ours) and wait for them; ones already gone are skipped."""
-    import psutil
-
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def start_ray_head(attempts: int = 2, port: int | None = None) -> tuple[str, str]:

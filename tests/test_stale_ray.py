@@ -16,7 +16,7 @@ import psutil
 import pytest
 from fakes.server import free_port
 
-from tests.test_control_ray import kill_procs
+from tests.servers import kill_procs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
