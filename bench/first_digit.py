@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     import torch
+    from loss_curves import answer_batch, answer_positions  # bench/ is on sys.path when run as a script
 
     from onpolicy.config import load_config
     from onpolicy.data import PromptSource
@@ -40,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     build_toy_models(REPO / "toy")
     weak = REPO / "toy" / f"student-{student_steps}"
-    build_toy_models(weak, specs={"student": dataclasses.replace(STUDENT, steps=student_steps)}, assets_dir=weak)
+    build_toy_models(weak, specs={"student": dataclasses.replace(STUDENT, steps=student_steps)})
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs" / "toy.yaml")
     source, codec = PromptSource(cfg.data, cfg.eval, cfg.seed), _Codec()
@@ -54,16 +55,12 @@ def main() -> None:
             return torch.log_softmax(logits_BTV[torch.arange(len(examples)), mask_BT.argmax(1)], -1)
         return torch.log_softmax(logits_BTV[mask_BT.bool()], -1)
 
-    def first_digit(examples) -> str:
-        with torch.no_grad():
-            logp_BV = logprobs(student, examples, first_only=True)
-        right_B = torch.tensor([codec.completion_ids(e)[0] for e in examples])
-        p_right = logp_BV.gather(1, right_B[:, None]).exp().mean().item()
-        return f"d1 accuracy {(logp_BV.argmax(-1) == right_B).float().mean().item():.3f}, p(right) {p_right:.3f}"
-
+    answers = answer_batch(source.heldout)
     for step in range(int(steps) + 1):
         if step % 50 == 0:
-            print(f"{kind} {where} lr {lr:g} step {step}: held-out {first_digit(source.heldout)}", flush=True)
+            p_right, accuracy = answer_positions(student, answers)["d1"]
+            print(f"{kind} {where} lr {lr:g} step {step}: held-out d1 accuracy {accuracy:.3f}, p(right) {p_right:.3f}",
+                  flush=True)
         examples = source.batch(128)
         with torch.no_grad():
             logp_teacher = logprobs(teacher, examples, where == "first")
