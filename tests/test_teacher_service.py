@@ -28,9 +28,8 @@ from services.teacher.app import DEFAULT_MAX_BODY_BYTES, body_limit, queue_bound
 from services.teacher.batcher import MAX_RETRY_AFTER_S, estimate_retry_after_s
 from tests.fakes.server import ServerThread
 from tests.servers import REPO_ROOT, free_port, log_tail, start_teacher_server, stop_server, wait_healthy
-from tests.tolerances import FP32_BATCH_TOL, assert_scores_close
+from tests.tolerances import FP32_BATCH, FP32_KERNELS, assert_scores_close
 
-TOL = 1e-4
 KEY = "s3cret-token"
 PAIRS = [("12+34=", "46"), ("7+8=", "15"), ("100+999=", "1099"), ("5+5=", "10"), ("0+0=", "")]
 
@@ -240,7 +239,7 @@ def test_concurrent_http_requests_are_merged(hf_teacher, items):
     # so fp32 values agree within a tolerance, not bit for bit.
     for r, it in zip(rs, items):
         got = ScoreResponse.model_validate(r.json()).scores
-        assert_scores_close(got, hf_teacher.score([it]), tol=FP32_BATCH_TOL)
+        assert_scores_close(got, hf_teacher.score([it]), FP32_BATCH)
 
 
 # -- the batcher without HTTP -----------------------------------------------------------------
@@ -269,7 +268,7 @@ def test_batcher_merges_by_top_k_and_returns_each_its_own(hf_teacher, items):
     assert sorted(teacher.calls) == [(5, 2), (8, 0)]  # one engine call per top_k
     assert len(teacher.threads) == 1
     for (its, k), got in zip(requests, results):
-        assert_scores_close(got, hf_teacher.score(its, k), tol=FP32_BATCH_TOL)
+        assert_scores_close(got, hf_teacher.score(its, k), FP32_BATCH)
 
 
 def test_batcher_respects_max_batch_sequences(hf_teacher, items):
@@ -279,7 +278,7 @@ def test_batcher_respects_max_batch_sequences(hf_teacher, items):
     # A request that would overflow the batch waits for the next; one bigger than the cap runs alone.
     assert [n for n, _ in teacher.calls] == [3, 3, 4, 5]
     for (its, k), got in zip(requests, results):
-        assert_scores_close(got, hf_teacher.score(its, k), tol=FP32_BATCH_TOL)
+        assert_scores_close(got, hf_teacher.score(its, k), FP32_BATCH)
 
 
 def test_batcher_isolates_a_failing_request(hf_teacher, items):
@@ -287,8 +286,8 @@ def test_batcher_isolates_a_failing_request(hf_teacher, items):
     teacher = RecordingTeacher(hf_teacher, fail_on_token=15)
     results = run_batcher(teacher, [(items[:2], 0), ([bad], 0), (items[2:4], 0)], batch_wait_ms=50)
     assert isinstance(results[1], RuntimeError)
-    assert_scores_close(results[0], hf_teacher.score(items[:2]), tol=FP32_BATCH_TOL)
-    assert_scores_close(results[2], hf_teacher.score(items[2:4]), tol=FP32_BATCH_TOL)
+    assert_scores_close(results[0], hf_teacher.score(items[:2]), FP32_BATCH)
+    assert_scores_close(results[2], hf_teacher.score(items[2:4]), FP32_BATCH)
     assert [n for n, _ in teacher.calls] == [5, 2, 1, 2]  # merged call failed, then each alone
 
 
@@ -361,7 +360,7 @@ def test_overload_is_429_with_retry_after_and_memory_stays_bounded(hf_teacher, i
             assert "busy" in r.json()["detail"]
         else:
             got = ScoreResponse.model_validate(r.json()).scores
-            assert_scores_close(got, hf_teacher.score([it]), tol=FP32_BATCH_TOL)
+            assert_scores_close(got, hf_teacher.score([it]), FP32_BATCH)
     assert len(teacher.seen) == bound + in_engine  # a refused request never reached the engine
     assert metric(app, "teacher_requests_total", {"endpoint": "/v1/score", "status": "429"}) == n_429
     growth_mb = (rss_after - rss_before) / 2**20
@@ -598,7 +597,7 @@ def test_real_server_with_vllm_matches_hf(tiny_teacher_dir, hf_teacher, items):
         r = httpx.post(f"{url}/v1/score", json=body(items, top_k=3), headers=auth, timeout=60)
         assert r.status_code == 200, r.text
         got = ScoreResponse.model_validate(r.json()).scores
-        assert_scores_close(got, hf_teacher.score(items, top_k=3), tol=TOL)  # vLLM vs transformers
+        assert_scores_close(got, hf_teacher.score(items, top_k=3), FP32_KERNELS)  # vLLM vs transformers
         # Max model length is 64 (the tiny model): the server says so instead of failing.
         long = ScoreRequestItem(prompt_ids=[1] * 60, completion_ids=[4] * 10)
         r = httpx.post(f"{url}/v1/score", json=body([long]), headers=auth, timeout=60)
