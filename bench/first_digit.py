@@ -32,8 +32,9 @@ def main() -> None:
 
     from onpolicy.config import load_config
     from onpolicy.data import PromptSource
+    from onpolicy.kit.train import load_model, make_batch
     from onpolicy.toy.build import build_toy_models
-    from onpolicy.toy.models import STUDENT, _Codec, _load, make_batch
+    from onpolicy.toy.models import STUDENT, encode, shared_tokenizer
 
     kind, where, steps, *rest = sys.argv[1:]
     lr = float(rest[0]) if rest else 1e-3
@@ -44,12 +45,12 @@ def main() -> None:
     build_toy_models(weak, specs={"student": dataclasses.replace(STUDENT, steps=student_steps)})
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs" / "toy.yaml")
-    source, codec = PromptSource(cfg.data, cfg.eval, cfg.seed), _Codec()
-    teacher, student = _load(REPO / "toy" / "teacher").eval(), _load(weak / "student").train()
+    source, pad_id = PromptSource(cfg.data, cfg.eval, cfg.seed), shared_tokenizer().pad_token_id
+    teacher, student = load_model(REPO / "toy" / "teacher").eval(), load_model(weak / "student").train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def logprobs(model, examples, first_only: bool):
-        ids, attn, mask_BT = make_batch(codec, examples)
+        ids, attn, mask_BT = make_batch([encode(e) for e in examples], pad_id)
         logits_BTV = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         if first_only:  # the logits that predict the first answer token
             return torch.log_softmax(logits_BTV[torch.arange(len(examples)), mask_BT.argmax(1)], -1)

@@ -23,16 +23,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_llama(path: Path) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from onpolicy.kit.build import save_random_model
+    from onpolicy.kit.spec import ModelSpec
+    from onpolicy.toy.tokenizer import build_tokenizer
 
-    from onpolicy.toy.tokenizer import save_tokenizer
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(save_tokenizer(path)), hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    return str(path)
+    spec = ModelSpec(name="gpu-check", arch="llama", num_layers=4, hidden=256, heads=4, intermediate=512,
+                     max_positions=128)
+    return str(save_random_model(path, spec, build_tokenizer(), seed=0))
 
 
 def learner_parity(model: str) -> None:

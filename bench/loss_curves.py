@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 def answer_batch(examples):
     """The held-out prompts with their correct answers, tokenised once for `answer_positions`:
     (input ids, attention mask, answer-target mask, end-token id)."""
-    from onpolicy.toy.models import _Codec, make_batch
+    from onpolicy.kit.train import make_batch
+    from onpolicy.toy.models import encode, shared_tokenizer
 
-    codec = _Codec()
-    return (*make_batch(codec, examples), codec.eos)
+    tok = shared_tokenizer()
+    return (*make_batch([encode(e) for e in examples], tok.pad_token_id), tok.eos_token_id)
 
 
 def answer_positions(model, batch) -> dict:

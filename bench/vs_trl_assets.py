@@ -19,6 +19,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from onpolicy.kit.build import save_random_model
+from onpolicy.kit.spec import ModelSpec
+
 REPO = Path(__file__).resolve().parent.parent
 TOY_ASSETS = REPO / "onpolicy" / "toy" / "assets"
 
@@ -37,20 +40,20 @@ class Pair:
     default_steps: int
 
 
+MID_STUDENT = ModelSpec(name="student", arch="qwen2", num_layers=4, hidden=384, heads=6, intermediate=768,
+                        max_positions=256, seed=1)
+MID_TEACHER = ModelSpec(name="teacher", arch="qwen2", num_layers=8, hidden=768, heads=12, intermediate=1408,
+                        max_positions=256, seed=2)
+
+
 @dataclass(frozen=True)
 class MidSpec:
-    """Architecture of the mid pair. head_dim 64: vLLM's CPU attention takes 32/64/80/96/112/128."""
+    """The mid pair: random-init Qwen2 kit models (head_dim 64: the kit's vLLM shape rule) over one BPE
+    tokenizer trained here. A model's seed is `seed * 1000 + its own`."""
 
     vocab_size: int = 300
-    max_len: int = 256
-    student_hidden: int = 384
-    student_layers: int = 4
-    student_heads: int = 6
-    student_ffn: int = 768
-    teacher_hidden: int = 768
-    teacher_layers: int = 8
-    teacher_heads: int = 12
-    teacher_ffn: int = 1408
+    student: ModelSpec = MID_STUDENT
+    teacher: ModelSpec = MID_TEACHER
     seed: int = 0
     corpus_sentences: int = 4000
     version: int = 1
@@ -99,21 +102,6 @@ def _build_tokenizer(corpus: list[str], vocab_size: int):
                           bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=256)
 
 
-def _qwen2(spec: MidSpec, tokenizer, hidden: int, layers: int, heads: int, ffn: int, seed: int):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=spec.vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
-        max_position_embeddings=spec.max_len, tie_word_embeddings=False, use_sliding_window=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).float()
-
-
 def build_mid_models(root: Path, spec: MidSpec = MidSpec(), log=print) -> tuple[Path, Path, dict]:
     """`root/student`, `root/teacher` (cached: rebuilt only when the spec changed); returns their paths and sizes."""
     student_dir, teacher_dir, info_path = root / "student", root / "teacher", root / "build.json"
@@ -134,14 +122,9 @@ def build_mid_models(root: Path, spec: MidSpec = MidSpec(), log=print) -> tuple[
         raise RuntimeError(f"BPE gave {len(tokenizer)} tokens, wanted {spec.vocab_size}: enlarge the corpus")
     shutil.rmtree(root, ignore_errors=True)
     sizes = {}
-    for name, dest, dims, seed in (
-        ("student", student_dir, (spec.student_hidden, spec.student_layers, spec.student_heads, spec.student_ffn), 1),
-        ("teacher", teacher_dir, (spec.teacher_hidden, spec.teacher_layers, spec.teacher_heads, spec.teacher_ffn), 2),
-    ):
-        model = _qwen2(spec, tokenizer, *dims, seed=spec.seed * 1000 + seed)
-        sizes[name] = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(str(dest))
-        tokenizer.save_pretrained(str(dest))
+    for model, dest in ((spec.student, student_dir), (spec.teacher, teacher_dir)):
+        save_random_model(dest, model, tokenizer, seed=spec.seed * 1000 + model.seed)
+        sizes[model.name] = _count_params(dest)
     info = {"spec": want, "parameters": sizes, "lexicon_seed": spec.seed}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     (root / "lexicon.json").write_text(json.dumps(lexicon))

@@ -54,7 +54,7 @@ def main() -> None:
         check_push(ray.get(push_weights_async(learner.weight_update.remote(), workers)), None)
 
     def collective(version: int) -> None:
-        check_push(ray.get(push_collective_async(learner, workers)), None)
+        check_push(ray.get(push_collective_async(learner, workers)[1]), None)
 
     times: dict[str, list[float]] = {"object store": [], "collective": []}
     for i in range(args.pushes + 1):  # the first of each is a warm-up

@@ -64,7 +64,8 @@ def run_bench(config: str | None, overrides: list[str], steps: int = 20, toy_dir
     summary = summarise(records)
     print(f"onpolicy bench: {steps} steps of {cfg.rollout.prompts_per_step} prompts x "
           f"{cfg.rollout.samples_per_prompt} samples, {cfg.rollout.num_workers} worker(s), loss={cfg.loss.kind}, "
-          f"teacher={cfg.teacher.kind}/{cfg.teacher.backend}, max_staleness={cfg.schedule.max_staleness}")
+          f"teacher={cfg.teacher.kind}{'/' + getattr(cfg.teacher, 'backend', '') if hasattr(cfg.teacher, 'backend') else ''}, "
+          f"max_staleness={cfg.schedule.max_staleness}")
     print(format_bench(summary))
     print(json.dumps(summary))
     return summary

@@ -19,10 +19,27 @@ def _load(config: str | None, overrides: list[str]):
     return load_config(config, overrides)
 
 
+def refuse_occupied_output(output_dir: str, resume: bool) -> None:
+    """A fresh run needs an empty or new output_dir: in a folder holding another run it would delete that
+    run's checkpoints when it rotates its own, and a later --resume would take the other run's weights."""
+    from pathlib import Path
+
+    out = Path(output_dir)
+    if resume or not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    what = ", ".join(sorted(p.name for p in out.iterdir())[:4]) if out.is_dir() else "a file"
+    raise ValueError(f"output_dir={out} already holds {what}: a new run there would delete that run's checkpoints "
+                     "and mix its metrics with this one's. Pass --resume to continue it, or set output_dir=NEW_DIR "
+                     "(an empty or new folder)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from onpolicy.driver import train
 
     cfg = _load(args.config, args.overrides)
+    refuse_occupied_output(cfg.output_dir, args.resume)
     summary = train(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("steps", "distill_wall_seconds", "before", "after", "student")},
                      indent=2))
@@ -165,17 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc = add_control_arguments(serve_sub.add_parser("control", help="the control plane REST API (runs, teachers)"))
     sc.set_defaults(func=cmd_serve_control)
 
+    from onpolicy.client import RemoteTeacherKinds, add_client_commands
+
     tch = sub.add_parser("teacher", help="external teacher endpoints")
     tch_sub = tch.add_subparsers(dest="teacher_command", required=True)
     tc = tch_sub.add_parser("check", help="is this teacher endpoint usable for this student? (exit 1 if not)")
     tc.add_argument("url", help="base URL, e.g. http://127.0.0.1:8100")
     tc.add_argument("--student", required=True, help="student model folder (its tokenizer is compared)")
-    tc.add_argument("--kind", choices=["service", "vllm", "sglang"], default="service")
+    tc.add_argument("--kind", choices=RemoteTeacherKinds(), default="service", metavar="KIND",
+                    help="the endpoint's dialect: %(choices)s (default: %(default)s)")
     tc.add_argument("--top-k", type=int, default=None, help="the top-k the run will ask for")
     tc.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token")
     tc.set_defaults(func=cmd_teacher_check)
-
-    from onpolicy.client import add_client_commands
 
     add_client_commands(sub)
     return p

@@ -16,6 +16,22 @@ from typing import Any
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
+class RemoteTeacherKinds:
+    """`--kind` choices: the config's remote teacher dialects, read when argparse first checks or shows them
+    (importing the config loads pydantic, which `onpolicy --help` does not need)."""
+
+    def _kinds(self) -> list[str]:
+        from onpolicy.config import REMOTE_DIALECTS
+
+        return list(REMOTE_DIALECTS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kinds())
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._kinds()
+
+
 class ControlRequestError(RuntimeError):
     """The control API answered with an HTTP error (status and the API's `detail`)."""
 
@@ -200,6 +216,9 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
                 keys = ("teacher_kl", "loss", "tokens_per_second", "heldout_reverse_kl", "heldout_accuracy")
                 shown = "  ".join(f"{k}={data[k]:.4g}" for k in keys if isinstance(data.get(k), (int, float)))
                 print(f"[{data.get('kind')} step {data.get('step')}] {shown}", flush=True)
+            elif event == "fault":  # an actor died and was brought back
+                shown = "  ".join(f"{k}={v}" for k, v in data.items() if k not in ("kind", "step", "time"))
+                print(f"[fault step {data.get('step')}] {shown}", flush=True)
             else:
                 print(f"[status] {data.get('status')} step={data.get('step')} {data.get('reason') or ''}", flush=True)
     return 0
@@ -282,7 +301,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     ts = teachers.add_subparsers(dest="teachers_command", required=True)
     p = _with_server(ts.add_parser("attach", help="attach an external teacher (runs the compatibility check)"))
     p.add_argument("url")
-    p.add_argument("--kind", choices=["service", "vllm", "sglang"], default="service")
+    p.add_argument("--kind", choices=RemoteTeacherKinds(), default="service", metavar="KIND",
+                    help="the endpoint's dialect: %(choices)s (default: %(default)s)")
     p.add_argument("--api-key-env", default=None)
     p.add_argument("--student", default=None, help="student model folder (on the server) to check against")
     p.set_defaults(func=_guard(cmd_teachers_attach))

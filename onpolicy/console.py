@@ -1,7 +1,7 @@
 """What reaches the console: onpolicy's own lines, not its libraries' chatter.
 
-By default Ray's start-up and auth notices, vLLM's and transformers' log lines and progress bars, and
-library warnings are quieted (set before those libraries are imported, since most read their level
+By default Ray's start-up and auth notices, vLLM's, transformers' and `datasets`' log lines and progress
+bars, and library warnings are quieted (set before those libraries are imported, since most read their level
 at import). `ONPOLICY_DEBUG=1` or `onpolicy --verbose` shows everything (and tracebacks for errors).
 """
 
@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 
-THIRD_PARTY = ("ray", "vllm", "transformers", "torch", "httpx", "urllib3", "filelock", "huggingface_hub")
+THIRD_PARTY = ("ray", "vllm", "transformers", "torch", "httpx", "urllib3", "filelock", "huggingface_hub", "datasets")
 
 
 def debug() -> bool:
@@ -22,8 +22,10 @@ def quiet_third_party() -> None:
     """Quiet the libraries unless debugging (safe to call twice)."""
     if debug():
         return
+    # `datasets` draws its own bars ("Generating train split") whatever the hub's setting; it reads this at import.
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                       "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}.items():
+                       "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "ERROR",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)

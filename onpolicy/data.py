@@ -95,15 +95,17 @@ class PromptSource:
         self.skipped_long += 1
         return False
 
-    def check_lengths(self, tokenizer, max_prompt_tokens: int, limit_by: str) -> None:
-        """Refuse (or, with `data.skip_long_prompts`, drop and count) prompts over `max_prompt_tokens`.
+    def check_lengths(self, tokenizer, max_prompt_tokens: int | None, limit_by: str) -> None:
+        """Refuse a prompt that encodes to no tokens (vLLM cannot prefill it), and refuse (or, with
+        `data.skip_long_prompts`, drop and count) prompts over `max_prompt_tokens` (None: no limit known).
 
         `limit_by` says whose limit it is (student/teacher max length minus max_new_tokens), for the message."""
         if self.drawn:
             raise RuntimeError("check_lengths must run before the first prompt is drawn")
+        limit = max_prompt_tokens if max_prompt_tokens is not None else float("inf")
 
         def too_long(e: Example) -> bool:
-            return len(prompt_ids(tokenizer, e)) > max_prompt_tokens
+            return encoded_length(tokenizer, e) > limit
 
         named = [("training", self._train if self._train is not None else self._longest),
                  ("held-out", self.heldout), ("ood", self.ood)]
@@ -153,7 +155,7 @@ def read_prompts_file(path: Path) -> tuple[list[Example], list[Example], list[Ex
             raise ValueError(f"{where}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if not isinstance(answer, (str, int, float)):
             raise ValueError(f"{where}: `answer` must be text (got a {type(answer).__name__})")  # noqa: TRY004
-        splits[split].append(Example(prompt=prompt, answer=str(answer)))
+        splits[split].append(Example(prompt=prompt, answer=str(answer), where=where))
     if not splits["train"]:
         raise ValueError(f"{path}: no training prompts (lines without split or with split=train)")
     return splits["train"], splits["heldout"], splits["ood"]
@@ -165,6 +167,20 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
     if example.messages is not None:
         return render_ids(tokenizer, [{"role": r, "content": c} for r, c in example.messages])
     return list(tokenizer(example.prompt)["input_ids"])
+
+
+def encoded_length(tokenizer, example: Example) -> int:
+    """How many tokens the prompt encodes to; ValueError naming it (and its source) if none: a tokenizer whose
+    normaliser drops its characters leaves nothing for vLLM to prefill ("The decoder prompt cannot be empty")."""
+    n = len(prompt_ids(tokenizer, example))
+    if n == 0:
+        where = f"{example.where}: " if example.where else ""
+        raise ValueError(
+            f"{where}the prompt {example.prompt[:80]!r} encodes to no tokens with the student's tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')}): it drops every character of it. Remove or rewrite the "
+            "prompt, or use a tokenizer that covers its characters."
+        )
+    return n
 
 
 def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:

@@ -55,6 +55,8 @@ def _load(data: DataConfig, split: str, streaming: bool) -> Any:
             elif split != "train":
                 raise ValueError(f"data.source {src} holds one split, `train` (got {split!r})")
             return ds.to_iterable_dataset() if streaming else ds
+        if path.is_dir():  # data files per split (train.parquet, test.parquet, ...): `datasets` names the splits
+            return load_dataset(str(path), split=split, streaming=streaming)
         if path.is_absolute() or src.startswith(".") or path.suffix.lower() in FORMATS:
             raise FileNotFoundError(f"data.source not found: {src}")
         return load_dataset(src, split=split, streaming=streaming)
@@ -112,11 +114,11 @@ def row_to_example(row: Any, data: DataConfig, where: str) -> Example:
         prompt = get(data.prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: field {data.prompt_field!r} must be a non-empty string (got {prompt!r})")
-        return Example(prompt=prompt, answer=answer)
+        return Example(prompt=prompt, answer=answer, where=where)
     field = data.messages_field or ""
     messages = _conversation(get(field), f"{where}: field {field!r}")
     last_user = next(c for r, c in reversed(messages) if r == "user")
-    return Example(prompt=last_user, answer=answer, messages=messages)
+    return Example(prompt=last_user, answer=answer, messages=messages, where=where)
 
 
 def _conversation(value: Any, where: str) -> tuple[tuple[str, str], ...]:

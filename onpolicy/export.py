@@ -205,39 +205,38 @@ def compare_students(cfg, full_dir: str | Path, exported_dir: str | Path) -> dic
     serves both; one engine runs at a time.
     """
     import ray
-    from transformers import AutoTokenizer
 
-    from onpolicy.data import PromptSource, encode_prompts
+    from onpolicy.data import encode_prompts
     from onpolicy.heldout import eval_seed, evaluate, mean_reverse_kl
     from onpolicy.model_dir import require_model_dir
-    from onpolicy.ray_utils import init_ray
     from onpolicy.rollout.pool import generate_on
     from onpolicy.rollout.worker import make_rollout_workers
-    from onpolicy.teacher.factory import open_teacher
+    from onpolicy.stack import check, open_stack
     from onpolicy.types import ScoreRequestItem
 
-    full = str(require_model_dir(full_dir, "student"))
-    exported = str(require_model_dir(exported_dir, "exported student"))
-    source = PromptSource(cfg.data, cfg.eval, cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(full)
+    # The prompts, chat template and stop tokens of `onpolicy eval` (and of a run): one assembly path.
+    checked = check(cfg, student=str(full_dir))
+    full, exported = checked.student_path, str(require_model_dir(exported_dir, "exported student"))
+    source, tokenizer, stop = checked.source, checked.tokenizer, checked.stop
     prompts = encode_prompts(tokenizer, source.heldout)
     seed, max_new = eval_seed(cfg.seed), cfg.rollout.max_new_tokens
     report: dict[str, Any] = {}
     greedy: dict[str, list] = {}
-    init_ray()
-    teacher = open_teacher(cfg.teacher, student=full, seed=cfg.seed, resources=cfg.resources)
+    stack = open_stack(cfg, checked, workers=0, learner=False)  # the teacher; one student engine at a time below
     try:
         # The exported student first: the full one's engine then scores its samples.
         for name, path in (("exported", exported), ("full", full)):
             workers = make_rollout_workers(1, path, cfg)
             try:
-                metrics = evaluate(workers, teacher, tokenizer, source.heldout, source.ood,
-                                   max_new_tokens=max_new, seed=seed)
+                metrics = evaluate(workers, stack.teacher, tokenizer, source.heldout, source.ood,
+                                   max_new_tokens=max_new, seed=seed, stop=stop)
                 report[name] = {"path": path, "bytes": folder_bytes(path), **metrics}
                 # Same calls and seed as inside `evaluate`: the same completions it judged.
-                greedy[name] = generate_on(workers, prompts, n=1, max_new_tokens=max_new, temperature=0.0, seed=seed)
+                greedy[name] = generate_on(workers, prompts, n=1, max_new_tokens=max_new, temperature=0.0, seed=seed,
+                                           **stop)
                 if name == "exported":
-                    sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new, temperature=1.0, seed=seed)
+                    sampled = generate_on(workers, prompts, n=1, max_new_tokens=max_new, temperature=1.0, seed=seed,
+                                          **stop)
                 else:
                     items = [ScoreRequestItem(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids)
                              for r in sampled]
@@ -246,7 +245,7 @@ def compare_students(cfg, full_dir: str | Path, exported_dir: str | Path) -> dic
                 for w in workers:
                     ray.kill(w)
     finally:
-        teacher.close()
+        stack.close()
     same = sum(a.completion_ids == b.completion_ids for a, b in zip(greedy["exported"], greedy["full"]))
     report["greedy_agreement"] = same / max(len(prompts), 1)
     report["heldout_prompts"] = len(prompts)

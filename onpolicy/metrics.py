@@ -37,6 +37,7 @@ class MetricsLog:
         self.trackers = list(trackers or [])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # faults are logged from the driver's sampler threads
+        drop_torn_tail(self.path)
         self._file = self.path.open("a", buffering=1)
         self._bar = None
         if show_progress:
@@ -79,7 +80,7 @@ class MetricsLog:
         with self._lock:
             self._file.close()
             lines = self.path.read_text().splitlines() if self.path.exists() else []
-            keep = [ln for ln in lines if ln.strip() and not _after(json.loads(ln), step)]
+            keep = [ln for ln in lines if (rec := _parse(ln)) is not None and not _after(rec, step)]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, self.path)
@@ -108,14 +109,45 @@ def _after(record: dict[str, Any], step: int) -> bool:
     return record.get("kind") in ("train", "eval") and record.get("step", 0) > step
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """The record on `line`, or None for a blank or torn one (a crash or a full disk mid-write)."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that was never finished (no newline, not JSON), so the next record starts a line of
+    its own instead of being glued to the torn one; a whole record that only lacks its newline gets one."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        start = f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        if tail.endswith(b"\n") or (b"\n" not in tail and start > 0):
+            return  # whole, or a "line" longer than any record: not ours to cut
+        cut = tail.rfind(b"\n") + 1
+        if _parse(tail[cut:].decode(errors="replace")) is not None:
+            f.write(b"\n")
+        else:
+            f.truncate(size - (len(tail) - cut))
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl (of `kind` if given); a torn line is skipped, not an error."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if kind is None or rec.get("kind") == kind:
-                out.append(rec)
+    for line in p.read_text(errors="replace").splitlines():
+        rec = _parse(line)
+        if rec is not None and (kind is None or rec.get("kind") == kind):
+            out.append(rec)
     return out

@@ -25,10 +25,19 @@ def require_model_dir(path: str | Path, role: str | None = None) -> Path:
     return p.resolve()
 
 
-def model_max_len(model_path: str | Path) -> int | None:
-    """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
+def _config_int(model_path: str | Path, key: str) -> int | None:
     try:
-        value = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+        value = json.loads((Path(model_path) / "config.json").read_text()).get(key)
     except (OSError, ValueError):
         return None
     return int(value) if isinstance(value, int) else None
+
+
+def model_max_len(model_path: str | Path) -> int | None:
+    """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
+    return _config_int(model_path, "max_position_embeddings")
+
+
+def model_vocab_size(model_path: str | Path) -> int | None:
+    """`vocab_size` from a model folder's config.json: the width of its logits (None if it does not say)."""
+    return _config_int(model_path, "vocab_size")

@@ -33,9 +33,9 @@ def run_id_of(name: str) -> str | None:
 
 
 def required_cpus(cfg: RunConfig) -> float:
-    """Ray CPUs a run reserves: its rollout workers plus its learner (the driver itself takes none)."""
+    """Ray CPUs a run reserves: its rollout workers plus its learner ranks (the driver itself takes none)."""
     res = cfg.resources
-    return cfg.rollout.num_workers * res.worker_num_cpus + res.learner_num_cpus
+    return cfg.rollout.num_workers * res.worker_num_cpus + cfg.learner.num_ranks * res.learner_num_cpus
 
 
 def final_status(stopped: bool, pause_requested: bool) -> RunStatus:

@@ -62,3 +62,18 @@ def staleness_filter(versions: list[int], learner_version: int, max_staleness: i
     v is `learner_version - v` updates behind; more than `max_staleness` and it is dropped."""
     lags = [learner_version - v for v in versions]
     return [i for i, lag in enumerate(lags) if lag <= max_staleness], lags
+
+
+def step_record(learner_metrics: dict[str, Any], rollouts: list, lags: list[int], *, waits: dict[str, float],
+                busy: dict[str, float], wall: float, **facts: Any) -> dict[str, Any]:
+    """A step's `metrics.jsonl` record: what the learner reported, the stage timings (`stage_metrics`), what was
+    sampled (tokens, sequences, who sampled, policy lag, rollouts dropped as stale) and `facts` as given
+    (policy_version, weight_push, teacher usage...)."""
+    tokens = sum(len(r.completion_ids) for r in rollouts)
+    out = dict(learner_metrics)
+    out.update(stage_metrics(waits, tokens, wall=wall, busy=busy))
+    out.update(sampled_tokens=tokens, sequences=len(rollouts),
+               teacher_sampled=int(bool(rollouts) and rollouts[0].source == "teacher"),
+               policy_lag_mean=sum(lags) / max(len(lags), 1), policy_lag_max=max(lags, default=0),
+               stale_dropped=len(lags) - len(rollouts), **facts)
+    return out

@@ -8,7 +8,7 @@ that crosses a process or network boundary; they pickle cleanly through Ray.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,6 +25,7 @@ class Example:
     prompt: str
     answer: str | None
     messages: tuple[tuple[str, str], ...] | None = None
+    where: str = field(default="", compare=False)  # its source and index (file:line, row), for error messages
 
 
 class Rollout(BaseModel):

@@ -21,37 +21,12 @@ import pytest
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a seeded random tiny Llama + the toy tokenizer in `out_dir`; return the folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from onpolicy.kit.build import save_random_model
+    from onpolicy.kit.spec import TINY_LLAMA
+    from onpolicy.toy.tokenizer import build_tokenizer
 
-    from onpolicy.toy.tokenizer import save_tokenizer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = save_tokenizer(out)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
     # The default init (std 0.02) gives near-uniform outputs; widen it so log-probs vary.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(out)
-    return out
+    return save_random_model(out_dir, TINY_LLAMA, build_tokenizer(), seed=seed, init_std=0.2)
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +56,100 @@ def ray_session():
     ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---- started once per session and shared: servers and engines that tests only read from ----------------
+# (A test that kills, stops or reconfigures what it talks to starts its own: never one of these.)
+
+TEACHER_SERVICE_KEY = "session-teacher-key"
+TEACHER_SERVICE_KEY_ENV = "ONPOLICY_TEST_TEACHER_KEY"  # names the key for runs: teacher.api_key_env
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_teacher_dir):
+    """A real vLLM OpenAI server over the tiny teacher (`--max-logprobs 8`), for every test that scores or
+    samples through one (external-teacher adapter, check, generation, a run)."""
+    from fakes.vllm import start_vllm_server
+
+    with start_vllm_server(tiny_teacher_dir, max_logprobs=8) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def teacher_service(tiny_teacher_dir):
+    """Our teacher service (`python -m services.teacher`, vLLM backend) over the tiny teacher, with a bearer
+    key; its URL. The key is exported as $ONPOLICY_TEST_TEACHER_KEY for runs (teacher.api_key_env)."""
+    import os
+
+    from servers import free_port, start_teacher_server, stop_server, wait_healthy
+
+    port = free_port()
+    proc = start_teacher_server(tiny_teacher_dir, port, extra_env={"ONPOLICY_TEACHER_API_KEY": TEACHER_SERVICE_KEY})
+    os.environ[TEACHER_SERVICE_KEY_ENV] = TEACHER_SERVICE_KEY
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout=300, proc=proc)
+        proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        os.environ.pop(TEACHER_SERVICE_KEY_ENV, None)
+        stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_local_teacher(ray_session, tiny_teacher_dir):
+    """The in-process vLLM teacher (`teacher.kind=local, backend=vllm`) in its Ray actor, top-k up to the
+    vocabulary; shared by the scoring, generation and numerics tests."""
+    from onpolicy.config import load_config
+    from onpolicy.teacher.factory import open_teacher
+
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "teacher.backend=vllm"])
+    teacher = open_teacher(cfg.teacher, seed=cfg.seed, resources=cfg.resources)
+    yield teacher
+    teacher.close()
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factory):
+    """One undisturbed run of `runs.reference_cfg`, the yardstick of the driver, fault and learner-group tests
+    (which run the same config with a fault, or with two learner ranks). What needs live actors is measured
+    before they are closed (`runs.ReferenceRun`), so no test holds this run's engines."""
+    from runs import finish_reference
+
+    return finish_reference(tiny_model_dir, tiny_teacher_dir, tmp_path_factory.mktemp("reference"))
+
+
+# ---- two test processes (pytest-xdist: `-n 2` in pyproject.toml) ---------------------------------------
+# The suite is mostly start-up (Python imports, Ray, engines), which leaves one core idle a third of the time
+# (67% of 2 cores measured on one process); a second process fills it. Each module runs whole in one process
+# (its module fixtures are built once), and modules that share a session fixture run in the same process so
+# it is built once: SHARED names them. The heaviest groups are handed out first. (xdist's own `loadgroup`
+# does not group under pytest 9 here, hence the scheduler below.)
+SHARED = {
+    # the undisturbed reference run
+    "test_driver": "reference", "test_faults": "reference", "test_learner_group": "reference",
+    # the session's vLLM server, teacher service and in-process vLLM teacher
+    "test_external_vllm": "teachers", "test_teacher_generate": "teachers", "test_driver_remote": "teachers",
+    "test_teacher_numerics": "teachers", "test_teacher_service": "teachers",
+}
+FIRST = ["test_readme_commands", "teachers", "test_control_ray", "reference"]  # the longest, dispatched first
+
+
+def _group_of(module: str) -> str:
+    return SHARED.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    # stable: the order of modules and of tests within a module is kept inside a group
+    items.sort(key=lambda item: rank.get(_group_of(item.module.__name__.rsplit(".", 1)[-1]), len(FIRST)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Work units are groups of modules (SHARED), each sent whole to one process."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(Path(nodeid.split("::", 1)[0]).stem)
+
+    return ByGroup(config, log)

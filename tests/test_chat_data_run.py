@@ -9,30 +9,26 @@ from onpolicy.config import load_config
 from onpolicy.driver import Run
 from onpolicy.metrics import read_metrics
 from tests.test_data_sources import chat_tokenizer, conversation, write_parquet
+from tests.tolerances import FP32_KERNELS
 
 pytestmark = pytest.mark.slow
 
 STEPS = 6
 
 
-def build_chat_model(path, seed, factory):
-    """The tiny Llama of conftest, its tokenizer given a chat template and its embeddings resized to match."""
-    from transformers import AutoModelForCausalLM
+def build_chat_model(path, seed):
+    """The tests' tiny Llama (conftest's shape and init) over a tokenizer with a chat template."""
+    from onpolicy.kit.build import save_random_model
+    from onpolicy.kit.spec import TINY_LLAMA
 
-    factory(path, seed=seed)
-    tok = chat_tokenizer()
-    tok.save_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(str(path))
-    return path
+    return save_random_model(path, TINY_LLAMA, chat_tokenizer(), seed=seed, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
-def chat_run(ray_session, tiny_model_factory, tmp_path_factory):
+def chat_run(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chat")
-    student = build_chat_model(tmp / "student", 0, tiny_model_factory)
-    teacher = build_chat_model(tmp / "teacher", 1, tiny_model_factory)
+    student = build_chat_model(tmp / "student", 0)
+    teacher = build_chat_model(tmp / "teacher", 1)
     rows = [{"messages": conversation(i), "answer": str(2 * i)} for i in range(120)]
     rows.append({"messages": [{"role": "user", "content": "1" * 60}], "answer": "0"})  # over the 64-token limit
     data = write_parquet(tmp / "chat.parquet", rows)
@@ -56,7 +52,7 @@ def test_a_parquet_messages_file_trains(chat_run):
     train = read_metrics(out / "metrics.jsonl", kind="train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for r in train:
-        assert r["sequences"] == 16 and abs(r["sampler_learner_kl"]) < 1e-3, r
+        assert r["sequences"] == 16 and abs(r["sampler_learner_kl"]) < FP32_KERNELS.at(16), r  # weights in sync
         assert 0.0 <= r["truncated_frac"] <= 1.0 and r["skipped_long_prompts"] == 1
     before, after = summary["before"], summary["after"]
     assert after["heldout_reverse_kl"] < 0.7 * before["heldout_reverse_kl"], (before, after)

@@ -150,17 +150,17 @@ def test_a_second_build_reuses_the_models(built):
 
 
 def test_the_full_size_pair_fits_vllm_cpu_and_the_teacher_is_larger():
-    from onpolicy.chat_example.models import qwen2_config
+    from onpolicy.kit.spec import hf_config
 
-    class _Tok:  # only the sizes and ids qwen2_config reads
-        eos_token_id, pad_token_id = 2, 0
+    class _Tok:  # only the sizes and ids hf_config reads (no BOS, as the chat tokenizer)
+        bos_token_id, eos_token_id, pad_token_id = None, 2, 0
 
         def __len__(self):
             return FULL.vocab_size
 
     teacher, student = FULL.models
     for spec in FULL.models:
-        cfg = qwen2_config(spec, _Tok())
+        cfg = hf_config(spec, _Tok())
         assert cfg.head_dim in VLLM_CPU_HEAD_DIMS and cfg.num_attention_heads % cfg.num_key_value_heads == 0
     assert teacher.num_layers * teacher.hidden > student.num_layers * student.hidden
     assert teacher.steps > student.steps

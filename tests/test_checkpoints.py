@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from onpolicy.config import DataConfig, EvalConfig
+from onpolicy.config import AdditionDataConfig, EvalConfig
 from onpolicy.data import PromptSource
 from onpolicy.learner.checkpoint import MARKER, damage, rotate, step_dirs
 from onpolicy.learner.core import Learner
@@ -134,7 +134,7 @@ def test_metrics_rewind_keeps_every_step_once(tmp_path):
 
 
 def test_prompt_stream_rewinds_to_a_checkpoint():
-    source = PromptSource(DataConfig(), EvalConfig(num_prompts=8, ood_num_prompts=0), seed=3)
+    source = PromptSource(AdditionDataConfig(), EvalConfig(num_prompts=8, ood_num_prompts=0), seed=3)
     first = [e.prompt for e in source.batch(40)]
     source.rewind(16)
     assert source.drawn == 16 and [e.prompt for e in source.batch(24)] == first[16:]

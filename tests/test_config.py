@@ -4,10 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy.config import DEFAULT_LR, ConfigError, RunConfig, apply_overrides, dump_config, load_config
+from onpolicy.config import (
+    KINDED,
+    ConfigError,
+    ReverseKLLossConfig,
+    RunConfig,
+    Section,
+    apply_overrides,
+    dump_config,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "deploy/toy-service.yaml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -63,7 +72,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_lr_defaults_per_loss_and_an_explicit_lr_wins(tmp_path):
     toy = ROOT / "configs/toy.yaml"  # sets no optim.lr
-    assert load_config(toy, ["loss.kind=reverse_kl"]).optim.lr == DEFAULT_LR["reverse_kl"] == 3e-4
+    assert load_config(toy, ["loss.kind=reverse_kl"]).optim.lr == ReverseKLLossConfig.default_lr == 3e-4
     assert load_config(toy, ["loss.kind=topk_reverse_kl"]).optim.lr == 1e-3
     assert load_config(toy, ["loss.kind=reverse_kl", "optim.lr=0.002"]).optim.lr == 0.002
     # The resolved number is what a dump holds, so a resumed run keeps it whatever the defaults become.
@@ -75,12 +84,18 @@ def test_every_field_is_documented_and_bounded_numbers():
     def walk(model_cls, prefix=""):
         for name, field in model_cls.model_fields.items():
             ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, RunConfig.__mro__[1]) and ann is not RunConfig:
+            if isinstance(ann, type) and issubclass(ann, Section):
                 yield from walk(ann, f"{prefix}{name}.")
+                continue
+            if name in KINDED and model_cls is RunConfig:  # a union: every member's fields
+                for member in set(KINDED[name].members.values()):
+                    yield from walk(member, f"{prefix}{name}[{member.__name__}].")
                 continue
             yield f"{prefix}{name}", field
 
-    for path, field in walk(RunConfig):
+    paths = dict(walk(RunConfig))
+    assert "loss[GKDLossConfig].lmbda" in paths and "data[DatasetDataConfig].source" in paths  # the walk sees members
+    for path, field in paths.items():
         assert field.description, f"{path} has no description"
         if field.annotation in (int, float):
             bounds = [m for m in field.metadata if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")]

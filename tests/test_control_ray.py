@@ -278,7 +278,7 @@ def test_readyz_is_503_while_ray_is_unreachable_and_200_once_it_answers(tmp_path
     temp_dir = None
     try:
         def not_ready():
-            r = httpx.get(f"{a.url}/readyz", timeout=30)
+            r = httpx.get(f"{a.url}/readyz", headers=AUTH, timeout=30)  # the reasons are for a caller with a token
             return r if r.status_code == 503 and any(x.startswith("ray: ") for x in r.json()["reasons"]) else None
 
         r = wait_for(not_ready, 60, "/readyz 503 naming Ray")

@@ -1,5 +1,6 @@
 """`onpolicy demo` end to end on the real toy models, cut to a few steps (the full demo is the
-15-minute job measured in the README)."""
+15-minute job measured in the README). That `onpolicy eval` reproduces a run's final evaluation is checked
+on the README's own eval line (tests/test_readme_commands.py)."""
 
 import json
 import re
@@ -20,7 +21,7 @@ def test_demo_writes_report_plot_and_student(tmp_path):
         [sys.executable, "-m", "onpolicy.cli", "demo", "--out", str(out), "--toy-dir", str(toy),
          "schedule.steps=4", "eval.every=2", "eval.num_prompts=64", "eval.ood_num_prompts=16",
          "rollout.prompts_per_step=32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
@@ -42,14 +43,3 @@ def test_demo_writes_report_plot_and_student(tmp_path):
                        r"\(raylet\)|\(pid=|Token authentication|Loading weights|Writing model shards|Warning:")
     noisy = [line for line in (res.stdout + res.stderr).splitlines() if noise.search(line)]
     assert not noisy, noisy[:5]
-
-    # `onpolicy eval` of the distilled student reproduces the run's final greedy accuracy
-    ev = subprocess.run(
-        [sys.executable, "-m", "onpolicy.cli", "eval", "--student", str(out / "student"),
-         f"teacher.model={toy / 'teacher'}", "eval.num_prompts=64", "eval.ood_num_prompts=16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    metrics = json.loads(ev.stdout[ev.stdout.index("{"):])
-    assert metrics["heldout_accuracy"] == pytest.approx(rep["student_accuracy_after"])
-    assert metrics["heldout_reverse_kl"] >= 0 and "ood_accuracy" in metrics

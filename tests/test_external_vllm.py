@@ -1,15 +1,14 @@
-"""A REAL vLLM OpenAI server as the teacher: VLLMServerTeacher equals HFTeacher; check_teacher."""
+"""A REAL vLLM OpenAI server as the teacher (the session's, conftest.py): what it says about itself, the
+compatibility check, and errors. Its scores against transformers: tests/test_teacher_numerics.py."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from fakes.server import ServerThread
-from fakes.vllm import make_stripping_proxy_app, start_vllm_server
+from fakes.vllm import make_stripping_proxy_app
 
-from onpolicy.protocols import Teacher
 from onpolicy.teacher.check import check_teacher
 from onpolicy.teacher.fingerprint import TeacherIncompatible, assert_compatible, load_tokenizer
 from onpolicy.teacher.http import TeacherRequestError
@@ -18,7 +17,7 @@ from onpolicy.types import ScoreRequestItem
 
 pytestmark = pytest.mark.slow
 
-MAX_LOGPROBS = 8
+MAX_LOGPROBS = 8  # the session server's --max-logprobs
 BATCH = [
     ScoreRequestItem(prompt_ids=[1, 5, 6, 14], completion_ids=[7, 15, 8, 2]),
     ScoreRequestItem(prompt_ids=[1], completion_ids=[4, 4, 9, 13, 14, 5]),
@@ -28,9 +27,8 @@ BATCH = [
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tiny_teacher_dir):
-    with start_vllm_server(tiny_teacher_dir, max_logprobs=MAX_LOGPROBS) as srv:
-        yield srv.url
+def vllm_url(vllm_server):
+    return vllm_server.url
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +43,6 @@ def variant_student(tmp_path_factory, tiny_model_factory):
     path.write_text(json.dumps(data))
     assert len(load_tokenizer(out)) == 19
     return out
-
-
-def test_scores_equal_hf_teacher(vllm_url, tiny_teacher_dir):
-    from onpolicy.teacher.local import HFTeacher
-
-    hf = HFTeacher(tiny_teacher_dir)
-    with VLLMServerTeacher(vllm_url, timeout_s=60) as t:
-        assert isinstance(t, Teacher)
-        for k in (0, 5):
-            got, ref = t.score(BATCH, top_k=k), hf.score(BATCH, top_k=k)
-            for g, r in zip(got, ref):
-                assert len(g.logprobs) == len(r.logprobs)
-                assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(g.logprobs, r.logprobs))
-                if k:
-                    assert [[i for i, _ in row] for row in g.top_k] == [
-                        [i for i, _ in row] for row in r.top_k
-                    ]
-                    for gr, rr in zip(g.top_k, r.top_k):
-                        assert all(math.isclose(a, b, abs_tol=1e-4) for (_, a), (_, b) in zip(gr, rr))
-        assert t.usage()["tokens_scored"] == 2 * sum(len(i.completion_ids) for i in BATCH)
 
 
 def test_info_probes_the_server(vllm_url, tiny_teacher_dir, tiny_model_dir):
@@ -126,33 +104,3 @@ def test_check_fails_when_log_probs_are_not_returned(vllm_url, tiny_model_dir):
     item = next(i for i in report.items if i.name == "logprobs")
     assert item.status == "fail" and not report.ok
     assert "does not return log-probs" in item.message and "prompt_logprobs" in item.message
-
-
-def test_in_process_teacher_our_service_and_vllm_server_agree(vllm_url, tiny_teacher_dir, ray_session):
-    """The same sequences scored three ways agree within 1e-4 (float32), top-k entries included."""
-    from servers import free_port, start_teacher_server, stop_server, wait_healthy
-
-    from onpolicy.config import load_config
-    from onpolicy.teacher.factory import open_teacher
-    from onpolicy.teacher.service import ServiceTeacher
-
-    in_process = open_teacher(load_config(None, [f"teacher.model={tiny_teacher_dir}"]).teacher)
-    port = free_port()
-    proc = start_teacher_server(tiny_teacher_dir, port, backend="vllm")
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
-        with ServiceTeacher(f"http://127.0.0.1:{port}") as service, VLLMServerTeacher(vllm_url) as server:
-            for k in (0, 5):
-                ways = [in_process.score(BATCH, top_k=k), service.score(BATCH, top_k=k),
-                        server.score(BATCH, top_k=k)]
-                for a, b in ((0, 1), (0, 2), (1, 2)):
-                    for x, y in zip(ways[a], ways[b]):
-                        assert len(x.logprobs) == len(y.logprobs)
-                        assert all(math.isclose(p, q, abs_tol=1e-4) for p, q in zip(x.logprobs, y.logprobs))
-                        if k:
-                            for rx, ry in zip(x.top_k, y.top_k):
-                                assert [i for i, _ in rx] == [i for i, _ in ry]
-                                assert all(math.isclose(p, q, abs_tol=1e-4) for (_, p), (_, q) in zip(rx, ry))
-    finally:
-        stop_server(proc)
-        in_process.close()

@@ -12,6 +12,7 @@ from onpolicy.config import RunConfig
 from onpolicy.learner.batch import build_batch, split_micro_batches
 from onpolicy.learner.core import Learner
 from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
+from tests.tolerances import FP32_BATCH, assert_close, assert_tensor_close
 
 V = 16
 
@@ -137,7 +138,7 @@ def test_score_matches_manual_log_softmax(tiny_model):
             logits = model(torch.tensor([p + c])).logits[0]
         logp = torch.log_softmax(logits.double(), -1)
         expected = [logp[len(p) - 1 + t, tok].item() for t, tok in enumerate(c)]
-        assert lps == pytest.approx(expected, abs=1e-5)
+        assert_close(lps, expected, FP32_BATCH, "learner vs a plain forward")  # one sequence vs a padded batch
 
 
 @pytest.mark.parametrize(
@@ -145,9 +146,8 @@ def test_score_matches_manual_log_softmax(tiny_model):
 )
 def test_micro_batches_accumulate_to_full_batch_gradient(tiny_model, kind, normalize):
     cfg = make_cfg(micro_batch_size=4)
-    cfg.loss.normalize = normalize
     cfg.teacher.top_k = 4
-    cfg.loss.kind = kind
+    cfg.loss = {"kind": kind, "normalize": normalize}  # a section of another kind: validated into its member
     learner = Learner(tiny_model, cfg)
     rollouts = fixed_rollouts(learner)
     # Perturb the sampler log-probs so ratios differ from 1 and the ratio enters the gradient.
@@ -160,10 +160,10 @@ def test_micro_batches_accumulate_to_full_batch_gradient(tiny_model, kind, norma
     full_grads = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
     learner.cfg.optim.micro_batch_size = 1
     micro = learner.compute_gradients(rollouts, scores)
-    assert micro["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert_close([micro["loss"]], [full["loss"]], FP32_BATCH, "loss")
     assert full["loss"] != 0.0
-    for n, p in learner.model.named_parameters():
-        torch.testing.assert_close(p.grad, full_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+    for n, p in learner.model.named_parameters():  # sums of the same terms in another order
+        assert_tensor_close(p.grad, full_grads[n], FP32_BATCH, n, per="tensor")
     assert sum(g.abs().sum() for g in full_grads.values()) > 0
 
 
@@ -179,8 +179,9 @@ def test_training_moves_learner_toward_teacher(tiny_model):
 
     before = gap()
     first = learner.train_step(rollouts, scores)
-    assert first["sampler_learner_kl"] == pytest.approx(0.0, abs=1e-5)  # in sync at version 0
-    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # in sync at version 0: the same model scores the same tokens in another batch shape
+    in_sync = FP32_BATCH.at(max(abs(x) for r in rollouts for x in r.sampler_logprobs))
+    assert abs(first["sampler_learner_kl"]) <= in_sync and abs(first["ratio_mean"] - 1.0) <= in_sync
     assert first["policy_lag"] == 0.0
     assert first["learn_tokens"] == sum(len(c) for c in COMPLETIONS)
     assert first["truncated_frac"] == pytest.approx(0.25)
@@ -283,7 +284,7 @@ def test_learner_actor_through_ray(tiny_model, tmp_path, ray_session):
             )
         ]
         metrics = ray.get(actor.train_step.remote(rollouts, [TeacherScores(logprobs=[-1.0] * 3)]))
-        assert metrics["sampler_learner_kl"] == pytest.approx(0.0, abs=1e-5)
+        assert abs(metrics["sampler_learner_kl"]) <= FP32_BATCH.at(max(map(abs, lps)))  # in sync
         update = ray.get(actor.weight_update.remote())
         assert update.version == 1 and ray.get(actor.step.remote()) == 1
         assert any(n == "lm_head.weight" for n, _ in update.tensors)

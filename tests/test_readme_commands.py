@@ -6,6 +6,11 @@ The environment is a fresh user's: its own HOME holding a Ray auth token (what a
 `onpolicy` run leaves in ~/.ray/auth_token, which turns token auth on for `ray start --head`), no
 RAY_* variables, the venv first on PATH. Ray's files go to a temp dir of ours (RAY_TMPDIR), so
 only processes we started are killed at the end, by that marker.
+
+The Commands block also carries the checks of what its lines do: a resume continues where the run
+stopped, `onpolicy eval` reproduces the run's own final evaluation, the int8 export keeps the student's
+behaviour, and none of it is thrown by a stale Ray cluster record (a user's earlier `ray start` whose
+processes are gone).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-BLOCK = re.compile(r"<!-- readme-test: (?P<name>[\w-]+) -->\s*```bash\n(?P<body>.*?)```", re.S)
+BLOCK = re.compile(r"<!-- readme-test: (?P<name>[\w-]+) -->\s*```bash\n(?P<body>.*?)```", re.DOTALL)
 
 
 def readme_blocks() -> dict[str, list[str]]:
@@ -111,10 +116,35 @@ def test_control_plane_commands_verbatim(fresh_user):
         server.wait(30)
 
 
+def leave_a_stale_cluster_record(env: dict[str, str]) -> Path:
+    """`ray start --head` as this user, then every process of it SIGKILLed by pid (a reboot, a killed
+    terminal): Ray's record of the "current cluster" now points at a dead one. Returns the record."""
+    import psutil
+
+    from tests.servers import free_port, kill_procs
+
+    record = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
+    port = free_port()
+    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "1",
+                             "--disable-usage-stats", "--include-dashboard=false", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = [psutil.Process(head.pid)]
+    deadline = time.monotonic() + 180
+    while not (record.exists() and f":{port}" in record.read_text()):
+        assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+        time.sleep(0.5)
+    time.sleep(2.0)  # let it spawn its processes, then kill them all
+    kill_procs(tree + tree[0].children(recursive=True))
+    assert f":{port}" in record.read_text()
+    return record
+
+
 def test_commands_verbatim(fresh_user):
-    """The README's Commands block, line by line, in a fresh directory: build the toy models, train, resume,
-    evaluate, export int8, bench (smoke). The demo's smoke variant is tests/test_demo.py."""
+    """The README's Commands block, line by line, in a fresh directory holding a stale Ray cluster record:
+    build the toy models, train, resume, evaluate, export int8 with its evaluation, bench (smoke). The demo's
+    smoke variant is tests/test_demo.py."""
     cwd, env = fresh_user
+    record = leave_a_stale_cluster_record(env)
     ran = []
     for line in readme_blocks()["commands"]:
         cmd = line.split("  #")[0].strip()
@@ -124,9 +154,63 @@ def test_commands_verbatim(fresh_user):
         res = subprocess.run(["bash", "-ec", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
                              check=False)
         assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        # without RAY_ADDRESS every entry point starts a Ray of its own, never the recorded (dead) cluster
+        assert "Failed to connect" not in res.stderr and "ConnectionError" not in res.stderr, res.stderr[-3000:]
         ran.append((cmd, res.stdout))
+    assert record.exists()  # the record was there all along
     outputs = dict(ran)
-    assert '"steps": 30' in outputs["onpolicy train configs/toy.yaml schedule.steps=30 --resume"]
-    assert (cwd / "runs" / "toy" / "checkpoints" / "step_0000030").is_dir()
-    assert (cwd / "runs" / "toy" / "student-int8" / "export_report.json").is_file()
     assert len(ran) == len(readme_blocks()["commands"]) - 1  # every line but the demo ran here
+    run = cwd / "runs" / "toy"
+    check_resume(run, outputs["onpolicy train configs/toy.yaml schedule.steps=30 --resume"])
+    check_eval_reproduces_the_run(run, outputs["onpolicy eval --student runs/toy/student"])
+    check_int8_export(run / "student-int8")
+
+
+def check_resume(run: Path, printed: str) -> None:
+    """The resumed run picked up step, prompt stream and optimiser state, and logged every step once."""
+    import json
+
+    from onpolicy.metrics import read_metrics
+
+    assert '"steps": 30' in printed
+    train = read_metrics(run / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train] == list(range(1, 31))  # every step once
+    # the learner's step came back from the checkpoint: its lr goes on past the warm-up (20 steps) instead of
+    # starting it again at lr/20
+    assert train[20]["lr"] > 5 * train[0]["lr"], (train[0]["lr"], train[20]["lr"])
+    evals = read_metrics(run / "metrics.jsonl", kind="eval")
+    assert [e["step"] for e in evals] == [0, 20, 30]  # the resumed run keeps its "before", not a second one
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["before"]["heldout_reverse_kl"] == evals[0]["heldout_reverse_kl"]
+    state = json.loads((run / "checkpoints" / "step_0000030" / "driver_state.json").read_text())
+    assert state == {"step": 30, "prompts_drawn": 30 * 128}  # configs/toy.yaml: 128 prompts a step
+
+
+def check_eval_reproduces_the_run(run: Path, printed: str) -> None:
+    """`onpolicy eval` of the run's final student gives the run's own final greedy accuracy."""
+    import json
+
+    from onpolicy.metrics import read_metrics
+
+    metrics = json.loads(printed[printed.index("{"):])
+    final = read_metrics(run / "metrics.jsonl", kind="eval")[-1]
+    assert metrics["heldout_accuracy"] == final["heldout_accuracy"], (metrics, final)
+    assert metrics["heldout_reverse_kl"] >= 0 and "ood_accuracy" in metrics
+
+
+def check_int8_export(folder: Path) -> None:
+    """`onpolicy export --quantize int8 --eval`: the int8 folder ran in a vLLM rollout worker and kept the
+    full-precision student's behaviour (bounds and their reasons: tests/test_export.py)."""
+    import json
+
+    from tests.test_export import EXACT_MATCH_TOL, MAX_KL_TO_FULL, MIN_GREEDY_AGREEMENT, REVERSE_KL_REL_TOL
+
+    report = json.loads((folder / "export_report.json").read_text())
+    full, int8 = report["full"], report["exported"]
+    assert report["heldout_prompts"] == 256
+    assert abs(int8["heldout_accuracy"] - full["heldout_accuracy"]) <= EXACT_MATCH_TOL, report
+    assert report["greedy_agreement"] >= MIN_GREEDY_AGREEMENT, report
+    assert 0 <= report["kl_to_full"] <= MAX_KL_TO_FULL, report
+    rel = abs(int8["heldout_reverse_kl"] - full["heldout_reverse_kl"]) / full["heldout_reverse_kl"]
+    assert rel <= REVERSE_KL_REL_TOL, report
+    assert int8["bytes"] < 0.35 * full["bytes"]

@@ -1,5 +1,5 @@
 """Teachers that generate: every kind samples n completions per token-id prompt, grouped by prompt, each
-ending on EOS or at the cap, with log-probs equal to the teacher's own scores of those tokens (1e-4), and
+ending on EOS or at the cap, with log-probs equal to the teacher's own scores of those tokens (fp32 rounding), and
 reproducible with a seed.
 
 - local: `HFTeacher` (fast) and `VLLMTeacher` in its Ray actor behind `ActorTeacher` (slow);
@@ -8,7 +8,7 @@ reproducible with a seed.
 - a REAL vLLM OpenAI server (slow), and a proxy in front of it that breaks its answers;
 - SGLang: the fake (values from the tiny model; tempered output log-probs, as SGLang's default).
 
-Engines are shared per module: one Ray actor, one vLLM server.
+The vLLM engines are the session's (conftest.py): one Ray actor, one vLLM server.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from onpolicy.teacher.sglang import SGLangTeacher
 from onpolicy.teacher.vllm_server import VLLMServerTeacher
 from onpolicy.types import GeneratedCompletion, GenerateResponse, ScoreRequestItem
 from services.teacher import create_app
+from tests.tolerances import FP32_BATCH, FP32_KERNELS, assert_close
 
-TOL = 1e-4
 KEY = "gen-token"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = [[1, 5, 6, 14], [1, 4], [1, 12, 11, 14, 10], [1, 4]]  # prompt 3 repeats prompt 1
@@ -68,7 +68,7 @@ def check_completions(
     completions: list[GeneratedCompletion], prompts: list[list[int]], n: int, max_new: int, ref: Teacher
 ) -> None:
     """n per prompt in prompt order; each ends on EOS (stop) or at the cap (length), nothing after an EOS;
-    log-probs within TOL of `ref`'s scores of the same tokens."""
+    log-probs within fp32 kernel rounding (tests/tolerances.py) of `ref`'s scores of the same tokens."""
     eos = set(ref.info().eos_token_ids)
     assert [c.prompt_index for c in completions] == [i for i in range(len(prompts)) for _ in range(n)]
     for c in completions:
@@ -78,13 +78,16 @@ def check_completions(
         assert c.finish_reason == "stop" or len(ids) == max_new, c
     for c, s in zip(completions, ref.score(items_of(completions, prompts))):
         assert len(c.logprobs) == len(s.logprobs)
-        assert all(abs(a - b) <= TOL for a, b in zip(c.logprobs, s.logprobs)), (c.logprobs, s.logprobs)
+        assert_close(c.logprobs, s.logprobs, FP32_KERNELS, "generation vs scoring log-probs")
 
 
-def same_samples(a: list[GeneratedCompletion], b: list[GeneratedCompletion], tol: float = 1e-5) -> bool:
-    return [(c.prompt_index, c.completion_ids, c.finish_reason) for c in a] == [
-        (c.prompt_index, c.completion_ids, c.finish_reason) for c in b
-    ] and all(abs(x - y) <= tol for ca, cb in zip(a, b) for x, y in zip(ca.logprobs, cb.logprobs))
+def same_samples(a: list[GeneratedCompletion], b: list[GeneratedCompletion], exact: bool = False) -> bool:
+    """The same completions, and log-probs within rounding of the same model's (an engine may batch the two
+    calls' requests differently); `exact`: bit for bit (the same computation on the same shapes)."""
+    same = [(c.prompt_index, c.completion_ids, c.finish_reason) for c in a] == [
+        (c.prompt_index, c.completion_ids, c.finish_reason) for c in b]
+    pairs = [(x, y) for ca, cb in zip(a, b) for x, y in zip(ca.logprobs, cb.logprobs)]
+    return same and all(x == y if exact else FP32_BATCH.close(x, y) for x, y in pairs)
 
 
 def check_greedy(teacher: Teacher, ref: Teacher) -> None:
@@ -110,7 +113,7 @@ def test_hf_teacher_generates_what_it_scores(hf):
         assert same_samples(
             out,
             hf.generate(PROMPTS, n=3, max_new_tokens=MAX_NEW, temperature=temperature, top_p=top_p, seed=7),
-            tol=0.0,
+            exact=True,
         )
         other = hf.generate(
             PROMPTS, n=3, max_new_tokens=MAX_NEW, temperature=temperature, top_p=top_p, seed=8
@@ -127,21 +130,21 @@ def test_hf_teacher_generates_what_it_scores(hf):
 
 
 @pytest.fixture(scope="module")
-def vllm_local(tiny_teacher_dir, ray_session):
-    from onpolicy.config import load_config
-    from onpolicy.teacher.factory import open_teacher
-
-    teacher = open_teacher(load_config(None, [f"teacher.model={tiny_teacher_dir}"]).teacher)
-    yield teacher
-    teacher.close()
+def vllm_local(vllm_local_teacher):
+    """The session's in-process vLLM teacher (teacher.backend=vllm) in its Ray actor."""
+    return vllm_local_teacher
 
 
 @pytest.mark.slow
 def test_vllm_local_teacher_in_its_actor_generates_what_it_scores(vllm_local, hf):
+    import ray
+
     from onpolicy.teacher.actor import ActorTeacher
 
     assert isinstance(vllm_local, ActorTeacher) and isinstance(vllm_local, Teacher)
-    total = 0
+    engine = ray.get(vllm_local.handle.__ray_call__.remote(lambda actor: type(actor.teacher).__name__))
+    assert engine == "VLLMTeacher"  # VLLMTeacher._generate runs here, not the transformers one
+    total, start = 0, vllm_local.usage()
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
         out = vllm_local.generate(
             PROMPTS, n=3, max_new_tokens=MAX_NEW, temperature=temperature, top_p=top_p, seed=7
@@ -158,7 +161,7 @@ def test_vllm_local_teacher_in_its_actor_generates_what_it_scores(vllm_local, hf
         assert [c.completion_ids for c in out[3:6]] != [c.completion_ids for c in out[9:12]]
         total += 2 * sum(len(c.completion_ids) for c in out)
     check_greedy(vllm_local, hf)
-    usage = vllm_local.usage()
+    usage = {k: v - start.get(k, 0) for k, v in vllm_local.usage().items() if isinstance(v, int | float)}
     assert usage["prompt_tokens"] == 5 * sum(map(len, PROMPTS)) and usage["tokens_generated"] > total
 
 
@@ -350,11 +353,8 @@ def test_service_teacher_rejects_malformed_completions(scripted, how, message):
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tiny_teacher_dir):
-    from fakes.vllm import start_vllm_server
-
-    with start_vllm_server(tiny_teacher_dir, max_logprobs=8) as srv:
-        yield srv.url
+def vllm_url(vllm_server):
+    return vllm_server.url
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from services.teacher.app import DEFAULT_MAX_BODY_BYTES, body_limit, queue_bound
 from services.teacher.batcher import MAX_RETRY_AFTER_S, estimate_retry_after_s
 from tests.fakes.server import ServerThread
 from tests.servers import REPO_ROOT, free_port, log_tail, start_teacher_server, stop_server, wait_healthy
-from tests.tolerances import FP32_BATCH, FP32_KERNELS, assert_scores_close
+from tests.tolerances import FP32_BATCH, assert_scores_close
 
 KEY = "s3cret-token"
 PAIRS = [("12+34=", "46"), ("7+8=", "15"), ("100+999=", "1099"), ("5+5=", "10"), ("0+0=", "")]
@@ -584,26 +584,22 @@ def test_non_loopback_starts_with_insecure_flag_or_with_a_key(tiny_teacher_dir):
 
 
 @pytest.mark.slow
-def test_real_server_with_vllm_matches_hf(tiny_teacher_dir, hf_teacher, items):
-    port = free_port()
-    proc = start_teacher_server(tiny_teacher_dir, port, extra_env={"ONPOLICY_TEACHER_API_KEY": KEY})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/healthz", timeout=300, proc=proc)
-        auth = {"Authorization": f"Bearer {KEY}"}
-        assert httpx.post(f"{url}/v1/score", json=body(items)).status_code == 401
-        info = TeacherInfo.model_validate(httpx.get(f"{url}/v1/info", headers=auth).json())
-        assert info.model_dump(exclude={"model"}) == hf_teacher.info().model_dump(exclude={"model"})
-        r = httpx.post(f"{url}/v1/score", json=body(items, top_k=3), headers=auth, timeout=60)
-        assert r.status_code == 200, r.text
-        got = ScoreResponse.model_validate(r.json()).scores
-        assert_scores_close(got, hf_teacher.score(items, top_k=3), FP32_KERNELS)  # vLLM vs transformers
-        # Max model length is 64 (the tiny model): the server says so instead of failing.
-        long = ScoreRequestItem(prompt_ids=[1] * 60, completion_ids=[4] * 10)
-        r = httpx.post(f"{url}/v1/score", json=body([long]), headers=auth, timeout=60)
-        assert r.status_code == 413 and "limit of 64" in r.json()["detail"]
-        assert "teacher_tokens_scored_total" in httpx.get(f"{url}/metrics", headers=auth).text
-    finally:
-        code = stop_server(proc)
-    assert code is not None
-    os.unlink(proc.log_path)  # kept for a look when the test fails
+def test_real_server_with_vllm_auth_info_limits_and_metrics(teacher_service, hf_teacher, items):
+    """The session's real service (vLLM in a subprocess, keyed): a request without the key is refused, its
+    info is the model folder's, a sequence over the model's length is a 413 naming the limit, and its scoring
+    is counted in /metrics. (Its scores against transformers: tests/test_teacher_numerics.py.)"""
+    from conftest import TEACHER_SERVICE_KEY
+
+    url = teacher_service.url
+    auth = {"Authorization": f"Bearer {TEACHER_SERVICE_KEY}"}
+    assert httpx.post(f"{url}/v1/score", json=body(items)).status_code == 401
+    info = TeacherInfo.model_validate(httpx.get(f"{url}/v1/info", headers=auth).json())
+    assert info.model_dump(exclude={"model"}) == hf_teacher.info().model_dump(exclude={"model"})
+    r = httpx.post(f"{url}/v1/score", json=body(items, top_k=3), headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(ScoreResponse.model_validate(r.json()).scores) == len(items)
+    # Max model length is 64 (the tiny model): the server says so instead of failing.
+    long = ScoreRequestItem(prompt_ids=[1] * 60, completion_ids=[4] * 10)
+    r = httpx.post(f"{url}/v1/score", json=body([long]), headers=auth, timeout=60)
+    assert r.status_code == 413 and "limit of 64" in r.json()["detail"]
+    assert "teacher_tokens_scored_total" in httpx.get(f"{url}/metrics", headers=auth).text

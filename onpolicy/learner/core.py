@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from onpolicy.config import RunConfig
+from onpolicy.config import ReverseKLLossConfig, RunConfig
 from onpolicy.engines import collective
 from onpolicy.learner import checkpoint as ckpt_files
 from onpolicy.learner import distributed as dist_lib
@@ -135,8 +135,10 @@ class Learner:
         batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk,
                             mask_truncated=self.cfg.loss.mask_truncated)
         lc = self.cfg.loss
-        batch.advantages_BL = token_advantages(batch.sampler_logprobs_BL, batch.teacher_logprobs_BL, batch.mask_BL,
-                                               kl_coef=lc.kl_coef, gamma=lc.gamma, baseline=lc.baseline)
+        if isinstance(lc, ReverseKLLossConfig):  # A_t with its baseline over the whole batch, not per micro-batch
+            batch.advantages_BL = token_advantages(batch.sampler_logprobs_BL, batch.teacher_logprobs_BL,
+                                                   batch.mask_BL, kl_coef=lc.kl_coef, gamma=lc.gamma,
+                                                   baseline=lc.baseline)
         normalizer = float(
             batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
         )
@@ -162,13 +164,11 @@ class Learner:
         if self.world > 1:
             dist_lib.sum_across(learner_lp_BL)
             dist_lib.sum_across(total_loss)
-        metrics = sampled_kl_metrics(
-            learner_lp_BL,
-            batch.sampler_logprobs_BL,
-            batch.teacher_logprobs_BL,
-            batch.mask_BL,
-            self.cfg.loss.ratio_max,
-        )
+        # reverse_kl masks ratios over its ratio_max; for the other losses, which mask none, the fraction over
+        # the default is a staleness diagnostic
+        ratio_max = {"ratio_max": lc.ratio_max} if isinstance(lc, ReverseKLLossConfig) else {}
+        metrics = sampled_kl_metrics(learner_lp_BL, batch.sampler_logprobs_BL, batch.teacher_logprobs_BL,
+                                     batch.mask_BL, **ratio_max)
         metrics["loss"] = float(total_loss)
         metrics["learn_tokens"] = float(batch.num_tokens)
         return metrics
@@ -292,8 +292,17 @@ class Learner:
     # ----- checkpoints --------------------------------------------------------------------------
 
     def save_model(self, path: str | os.PathLike) -> None:
-        """The student as a Hugging Face folder (weights, config, tokenizer); a LoRA student merged."""
+        """The student as a Hugging Face folder (weights, config, tokenizer); a LoRA student merged. Written
+        aside and sealed like a checkpoint (`checkpoint.seal`: a marker with each file's SHA-256, then a
+        rename), so a folder at `path` is always a whole student: a crash mid-write leaves the previous one."""
         path = Path(path)
+        tmp = ckpt_files.staging_dir(path, create=self.rank == 0)
+        self._write_model(tmp)
+        if self.rank == 0:
+            ckpt_files.seal(tmp, path)
+
+    def _write_model(self, path: Path) -> None:
+        """`save_model`'s files, written straight into `path`."""
         if self.world > 1:  # every rank gathers, rank 0 writes
             tensors = self._hf_tensors()
             if self.rank == 0:
@@ -312,7 +321,7 @@ class Learner:
         """What a checkpoint holds besides the trainer state: the HF folder, or a LoRA student's adapter
         (PEFT's files, naming the base model) and tokenizer; `onpolicy export --merge` merges one."""
         if self.lora is None:
-            self.save_model(path)
+            self._write_model(path)
             return
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(path))
@@ -352,7 +361,7 @@ class Learner:
                 (tmp / name).write_text(json.dumps(content))
         dist_lib.barrier()
         if self.rank == 0:
-            ckpt_files.seal(tmp, path)
+            ckpt_files.seal(tmp, path, learner_ranks=self.world)
         dist_lib.barrier()
 
     def _init_optimizer_state(self) -> None:
@@ -374,13 +383,14 @@ class Learner:
     def _load_dcp(self, path: Path) -> None:
         """Model and optimiser from a learner group's `dcp/` folder, resharded to this learner's ranks
         (one rank included: N ranks save, M load)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from onpolicy.learner.dcp_reader import load_dcp
 
         self._init_optimizer_state()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        load_dcp(state, str(path / DCP_DIR))  # no pickle runs: restricted metadata, weights_only entries
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -390,10 +400,14 @@ class Learner:
         path = Path(path)
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"no {TRAINER_STATE} in checkpoint folder: {path}")
-        problem = ckpt_files.damage(path)
-        if problem:
-            raise ValueError(f"checkpoint {path} is damaged: {problem}")
-        if (path / DCP_DIR).is_dir():
+        marker = ckpt_files.verify(path)  # sizes, SHA-256s, the HMAC where a secret is set; nothing unlisted
+        group = ckpt_files.learner_ranks(marker) > 1
+        if (path / DCP_DIR).is_dir() != group:
+            raise ValueError(f"checkpoint {path}: its {ckpt_files.MARKER} says {ckpt_files.learner_ranks(marker)} "
+                             f"learner rank(s) wrote it, but it {'lacks' if group else 'has'} a {DCP_DIR}/ folder; "
+                             "refusing to load it (only a learner group's checkpoint is read with "
+                             "torch.distributed.checkpoint)")
+        if group:
             self._load_dcp(path)
         elif self.world > 1:
             raise ValueError(f"checkpoint {path} was written by one learner rank (no {DCP_DIR}/): resume it with "
@@ -406,7 +420,8 @@ class Learner:
                                         "written by a LoRA student (model.lora must match the run that wrote it)")
             lora_lib.load_adapter_tensors(self.model, load_file(str(path / lora_lib.ADAPTER_WEIGHTS)))
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            # safetensors only: a pytorch_model.bin beside it would be a pickle
+            loaded = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
             self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
             del loaded
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # tensors and plain data only

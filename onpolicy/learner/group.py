@@ -7,7 +7,9 @@ metrics; only rank 0 returns the weights). The ranks are placed with a Ray place
 (`learner.placement`: pack or spread). Rank 0 names the rendezvous address once every rank is placed.
 
 A group is not restarted rank by rank (a rank that dies breaks the collectives): its ranks are
-created with max_restarts=0, and the driver makes a new group and loads the last checkpoint.
+created with max_restarts=0, and the driver makes a new group and loads the last checkpoint. A rank's
+death reaches the others as an error of their collectives ("Connection closed by peer"), not as an
+actor death, so `learner_lost` asks every rank whether it is still there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from onpolicy.learner.actor import LearnerShell
-from onpolicy.ray_utils import actor_class
+from onpolicy.ray_utils import actor_class, died
 
 
 class LearnerRank(LearnerShell):
@@ -79,6 +81,19 @@ class LearnerGroup:
         """Rank 0's id: a death the driver sees comes through rank 0's answer."""
         return self.ranks[0]._actor_id
 
+    def lost_rank(self, timeout_s: float = 30.0) -> bool:
+        """Whether any rank has died (a live rank answers at once unless busy: busy counts as alive)."""
+        import ray
+
+        refs = [r.pid.remote() for r in self.ranks]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return True
+        return False
+
     def kill(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -109,6 +124,14 @@ def make_learner_group(cfg, model_path: str, *, device: str | None = None, total
     address, port = ray.get(ranks[0].endpoint.remote())
     ray.get([r.setup.remote(address, port, timeout_s) for r in ranks])
     return LearnerGroup(ranks, pg)
+
+
+def learner_lost(err: BaseException, learner: Any) -> bool:
+    """Whether `err`, from a learner call or a call that waited on one, means the learner is gone: its actor
+    died, or (a group) one of its ranks did."""
+    if isinstance(learner, LearnerGroup):
+        return died(err, learner) or learner.lost_rank()
+    return died(err, learner)
 
 
 def kill_learner(learner: Any) -> None:

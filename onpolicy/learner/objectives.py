@@ -1,10 +1,10 @@
 """The loss registry: `loss.kind` -> the function that computes it and what it needs from the teacher.
 
-A new objective is one registration (plus its name in `LossConfig.kind`, which a test keeps in
-step with this table):
+A loss is a member of the `loss` union (onpolicy/config/loss.py: its fields, default lr, `needs_topk`,
+who samples) and one registration here, which takes those facts from the member of that kind:
 
-    @register_objective("my_loss", needs_topk=True, samples="student")
-    def my_loss(x: LossInputs, cfg: LossConfig, normalizer: float) -> tuple[Tensor, dict[str, float]]:
+    @register_objective("my_loss")
+    def my_loss(x: LossInputs, cfg: MyLossConfig, normalizer: float) -> tuple[Tensor, dict[str, float]]:
         ...
 
 The learner computes the logits and the learner log-probs of the sampled tokens once per
@@ -18,13 +18,20 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
-from onpolicy.config import LossConfig
+from onpolicy.config import LOSS_KINDS, Samples
 
 if TYPE_CHECKING:  # importing the registry costs nothing: the driver reads it without torch
     import torch
 
+    from onpolicy.config import (
+        JSDLossConfig,
+        ReverseKLLossConfig,
+        SFTLossConfig,
+        SoftTargetsLossConfig,
+        TopKReverseKLLossConfig,
+    )
     from onpolicy.learner.batch import LearnBatch
 
 
@@ -35,10 +42,8 @@ class LossInputs:
     learner_logprobs_BL: torch.Tensor  # log pi(target token), differentiable
 
 
-LossFn = Callable[[LossInputs, LossConfig, float], "tuple[torch.Tensor, dict[str, float]]"]
-
-
-Samples = Literal["student", "teacher", "mixed"]
+# (inputs, the loss's config member, normalizer) -> (loss, metrics)
+LossFn = Callable[[LossInputs, Any, float], "tuple[torch.Tensor, dict[str, float]]"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,16 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str, *, needs_topk: bool = False,
-                       samples: Samples = "student") -> Callable[[LossFn], LossFn]:
+def register_objective(name: str) -> Callable[[LossFn], LossFn]:
+    """Register the function of loss `name`; what it needs (`needs_topk`, `samples`) is its config member's."""
+    if name not in LOSS_KINDS.members:
+        raise ValueError(f"loss {name!r} has no member in the loss union: add its config to onpolicy/config/loss.py")
+    member = LOSS_KINDS.members[name]
+
     def add(fn: LossFn) -> LossFn:
         if name in OBJECTIVES:
             raise ValueError(f"loss {name!r} is registered twice")
-        OBJECTIVES[name] = Objective(name, fn, needs_topk, samples)
+        OBJECTIVES[name] = Objective(name, fn, member.needs_topk, member.samples)
         return fn
 
     return add
@@ -70,7 +79,7 @@ def get_objective(name: str) -> Objective:
 
 
 @register_objective("reverse_kl")
-def _reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+def _reverse_kl(x: LossInputs, cfg: ReverseKLLossConfig, normalizer: float):
     from onpolicy.learner.losses import sampled_reverse_kl_loss
 
     b = x.batch
@@ -81,8 +90,8 @@ def _reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
     )
 
 
-@register_objective("topk_reverse_kl", needs_topk=True)
-def _topk_reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
+@register_objective("topk_reverse_kl")
+def _topk_reverse_kl(x: LossInputs, cfg: TopKReverseKLLossConfig, normalizer: float):
     from onpolicy.learner.losses import topk_reverse_kl_loss
 
     b = x.batch
@@ -92,9 +101,9 @@ def _topk_reverse_kl(x: LossInputs, cfg: LossConfig, normalizer: float):
     )
 
 
-@register_objective("jsd", needs_topk=True)
-@register_objective("gkd", needs_topk=True, samples="mixed")
-def _jsd(x: LossInputs, cfg: LossConfig, normalizer: float):
+@register_objective("jsd")
+@register_objective("gkd")
+def _jsd(x: LossInputs, cfg: JSDLossConfig, normalizer: float):
     from onpolicy.learner.losses import generalized_jsd_loss
 
     b = x.batch
@@ -104,15 +113,15 @@ def _jsd(x: LossInputs, cfg: LossConfig, normalizer: float):
     )
 
 
-@register_objective("sft", samples="teacher")
-def _sft(x: LossInputs, cfg: LossConfig, normalizer: float):
+@register_objective("sft")
+def _sft(x: LossInputs, cfg: SFTLossConfig, normalizer: float):
     from onpolicy.learner.losses import sequence_kd_loss
 
     return sequence_kd_loss(x.learner_logprobs_BL, x.batch.mask_BL, normalize=cfg.normalize, normalizer=normalizer)
 
 
-@register_objective("soft_targets", needs_topk=True, samples="teacher")
-def _soft_targets(x: LossInputs, cfg: LossConfig, normalizer: float):
+@register_objective("soft_targets")
+def _soft_targets(x: LossInputs, cfg: SoftTargetsLossConfig, normalizer: float):
     from onpolicy.learner.losses import soft_target_loss
 
     b = x.batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onpolicy.engines.prefill import generate_in_parts
 from onpolicy.engines.vllm import derive_seed, make_llm, outputs_to_rollouts, score_with_llm
 from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
 
@@ -45,7 +46,6 @@ class VLLMEngine:
         and step its own seed.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
@@ -62,12 +62,9 @@ class VLLMEngine:
                 stop_token_ids=stop_token_ids,
             )
 
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            [params(i) for i in range(len(prompts))],
-            use_tqdm=False,
-            lora_request=self.lora_request,
-        )
+        # On CPU, cut to fit the engine's prefill budget (a seeded prefill split over steps fails there).
+        outs = generate_in_parts(self.llm, prompts, params, self.limits.prefill_budget, use_tqdm=False,
+                                 lora_request=self.lora_request)
         return outputs_to_rollouts(prompts, outs, policy_version=self.version)
 
     def score(self, items: list[ScoreRequestItem]) -> list[list[float]]:

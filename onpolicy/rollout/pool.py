@@ -172,8 +172,8 @@ def open_collective(learner: Any, workers: list[Any], timeout_s: float = 120.0) 
             timeout=timeout_s)
 
 
-def push_collective_async(learner: Any, workers: list[Any]) -> list[Any]:
-    """Broadcast the learner's current weights to every worker; the refs of the versions they will serve
-    (queued behind their sampling in flight, as `push_weights_async`)."""
-    learner.broadcast_weights.remote()
-    return [w.receive_weights.remote() for w in workers]
+def push_collective_async(learner: Any, workers: list[Any]) -> tuple[Any, list[Any]]:
+    """Broadcast the learner's current weights to every worker: the ref of the learner's side (it fails at once
+    if the learner cannot send, while the engines would wait for the group's timeout) and the refs of the
+    versions the workers will serve (queued behind their sampling in flight, as `push_weights_async`)."""
+    return learner.broadcast_weights.remote(), [w.receive_weights.remote() for w in workers]

@@ -169,22 +169,24 @@ class ActorTeacher:
 
 
 def start_teacher_actor(model_path: str, backend: str, resources: ResourcesConfig, threads: int = 0,
-                        on_fault: Callable[[dict[str, Any]], None] | None = None,
+                        on_fault: Callable[[dict[str, Any]], None] | None = None, wait: bool = True,
                         **teacher_kwargs: Any) -> ActorTeacher:
-    """Start a local teacher in its own actor (no CPUs reserved: it shares the run's); blocks until up.
-    Ray restarts it `resources.max_restarts` times if its process dies (see `ActorTeacher`)."""
+    """Start a local teacher in its own actor (no CPUs reserved: it shares the run's); with `wait`, blocks until
+    it is up (else its first call waits: the run starts its other actors meanwhile). Ray restarts it
+    `resources.max_restarts` times if its process dies (see `ActorTeacher`)."""
     import ray
 
     env = vllm_env(resources.vllm_kv_cache_gib, resources.vllm_threads_bind)
 
-    def start() -> ActorHandle:
+    def start(wait: bool = True) -> ActorHandle:
         handle = (
             actor_class(TeacherActor)
             .options(num_cpus=0, runtime_env={"env_vars": env}, max_restarts=resources.max_restarts)
             .remote(model_path, backend, threads, **teacher_kwargs)
         )
-        ray.get(handle.ready.remote())
+        if wait:
+            ray.get(handle.ready.remote())
         return handle
 
-    return ActorTeacher(start(), max_restarts=resources.max_restarts, restart_timeout_s=resources.restart_timeout_s,
-                        restart=start, on_fault=on_fault)
+    return ActorTeacher(start(wait), max_restarts=resources.max_restarts,
+                        restart_timeout_s=resources.restart_timeout_s, restart=start, on_fault=on_fault)

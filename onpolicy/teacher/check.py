@@ -75,8 +75,10 @@ def check_teacher(
     api_key: str | None = None,
     top_k: int | None = None,
     timeout_s: float = 30.0,
+    connect_to: dict[str, str] | None = None,
 ) -> CheckReport:
-    """Run every check of teacher `url` (dialect `kind`) against the student in `student_dir`."""
+    """Run every check of teacher `url` (dialect `kind`) against the student in `student_dir`; `connect_to`
+    pins host names to addresses (see teacher/pinned.py)."""
     student_path = str(student_dir)
     report = CheckReport(url=url, kind=kind, student=student_path)
     try:
@@ -92,7 +94,8 @@ def check_teacher(
         report.add("kind", "fail", f"unknown teacher kind {kind!r}: use one of {', '.join(REMOTE_KINDS)}")
         return report
     with remote_teacher(
-        kind, url, api_key=api_key, timeout_s=timeout_s, max_wait_s=timeout_s, **CHECK_CLIENT
+        kind, url, api_key=api_key, timeout_s=timeout_s, max_wait_s=timeout_s, connect_to=connect_to,
+        **CHECK_CLIENT,
     ) as teacher:
         try:
             report.add(

@@ -2,46 +2,52 @@
 whatever `teacher.kind` says. The driver, `onpolicy eval`, `onpolicy serve teacher` and the compatibility
 check all come through here, so nothing else branches on the kind.
 
-| kind      | what you get                                                                     |
-|-----------|----------------------------------------------------------------------------------|
+| kind      | what you get                                                                        |
+|-----------|-------------------------------------------------------------------------------------|
 | `local`   | the model folder in a Ray actor (`ActorTeacher`), or in this process (`in_process`) |
-| `service` | `ServiceTeacher`: our scoring service over HTTP                                  |
-| `vllm`    | `VLLMServerTeacher`: an external vLLM OpenAI-compatible server                   |
-| `sglang`  | `SGLangTeacher`: an external SGLang server                                       |
+| a dialect | the adapter its row of `REMOTE_DIALECTS` names (onpolicy/config/teacher.py): e.g.   |
+|           | `ServiceTeacher` (our scoring service), `VLLMServerTeacher`, `SGLangTeacher`        |
 
 A remote kind with `teacher.urls` instead of `teacher.url` gives a `TeacherPool` over one adapter per
 replica (pool.py: least-outstanding-requests routing, a breaker per replica).
 
 With `student=DIR` the teacher is checked against the student before it is returned (tokenizer,
-EOS), and for `local` before its engine even starts (the folders are compared).
+EOS), and for `local` before its engine even starts (the folders are compared). `wait=False` (local kind)
+returns as soon as the folders passed and the actor is starting: the run starts its other engines meanwhile,
+and the teacher's first call waits for it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from onpolicy.model_dir import require_model_dir
+from onpolicy.config import REMOTE_DIALECTS
+from onpolicy.model_dir import model_vocab_size, require_model_dir
 from onpolicy.protocols import Teacher
 from onpolicy.teacher.fingerprint import assert_compatible, check_compatible
 from onpolicy.teacher.http import BreakerState
 from onpolicy.teacher.pool import REPLICA_CLIENT, TeacherPool
 from onpolicy.teacher.remote import RemoteTeacher
-from onpolicy.teacher.service import ServiceTeacher
-from onpolicy.teacher.sglang import SGLangTeacher
-from onpolicy.teacher.vllm_server import VLLMServerTeacher
 from onpolicy.types import check_top_k
 
 if TYPE_CHECKING:
     from onpolicy.config import ResourcesConfig, TeacherConfig
 
-REMOTE_KINDS: dict[str, type[RemoteTeacher]] = {
-    "service": ServiceTeacher,
-    "vllm": VLLMServerTeacher,
-    "sglang": SGLangTeacher,
-}
+
+def _adapter(path: str) -> type[RemoteTeacher]:
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, RemoteTeacher)):
+        raise TypeError(f"REMOTE_DIALECTS names {path}, which is not a RemoteTeacher")
+    return cls
+
+
+# dialect -> its adapter class, from the config's one table of dialects
+REMOTE_KINDS: dict[str, type[RemoteTeacher]] = {kind: _adapter(d.adapter) for kind, d in REMOTE_DIALECTS.items()}
 
 
 def remote_teacher(kind: str, url: str, **client_kw: Any) -> RemoteTeacher:
@@ -81,6 +87,7 @@ def open_teacher(
     on_fault: Callable[[dict[str, Any]], None] | None = None,
     max_model_len: int | None = None,
     threads: int = 0,
+    wait: bool = True,
 ) -> Teacher:
     """The teacher `tc` describes, able to serve `tc.top_k`; checked against `student` when given.
 
@@ -95,6 +102,9 @@ def open_teacher(
         model = str(require_model_dir(tc.model, "teacher"))
         if student is not None:
             check_compatible(student, model)  # compare the folders before an engine starts
+        vocab = model_vocab_size(model)
+        if tc.top_k and vocab:  # a local engine returns up to its whole vocabulary per position
+            check_top_k(tc.top_k, vocab, f"teacher {model!r}")
         res = resources or ResourcesConfig()
         kwargs: dict[str, Any] = {"dtype": tc.dtype}
         if tc.backend == "vllm":
@@ -111,12 +121,14 @@ def open_teacher(
         else:
             from onpolicy.teacher.actor import start_teacher_actor
 
-            teacher = start_teacher_actor(model, tc.backend, res, threads, on_fault=on_fault, **kwargs)
+            teacher = start_teacher_actor(model, tc.backend, res, threads, on_fault=on_fault, wait=wait, **kwargs)
+            if not wait:
+                return teacher  # checked above from its folder; `info()` waits for the engine
     else:
         client_kw: dict[str, Any] = {
             "api_key": api_key_from_env(tc.api_key_env), "timeout_s": tc.timeout_s,
             "max_in_flight": tc.max_in_flight, "breaker_failures": tc.breaker_failures,
-            "breaker_cooldown_s": tc.breaker_cooldown_s,
+            "breaker_cooldown_s": tc.breaker_cooldown_s, "connect_to": tc.connect_to,
         }
         retry_kw: dict[str, Any] = {
             "max_retries": tc.max_retries, "backoff_base_s": tc.backoff_base_s, "backoff_max_s": tc.backoff_max_s,

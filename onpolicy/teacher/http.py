@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import httpx
 
+from onpolicy.teacher import pinned
+
 BreakerState = Literal["closed", "open", "half_open"]
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,10 @@ class RobustClient:
         wait_when_down: bool = True,
         on_state_change: Callable[[BreakerState], None] | None = None,
         seed: int | None = None,
+        connect_to: dict[str, str] | None = None,
     ) -> None:
+        """`connect_to`: host -> the address to connect to for it (see pinned.py: the control API pins the
+        address it vetted); proxy variables from the environment are never used."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -289,7 +294,8 @@ class RobustClient:
         self._rng = random.Random(seed)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, limits=limits)
+        self._http = pinned.client(connect_to, base_url=self.base_url, headers=headers, timeout=timeout_s,
+                                   limits=limits)
 
     @property
     def state(self) -> BreakerState:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onpolicy.engines.prefill import generate_in_parts
 from onpolicy.engines.vllm import derive_seed, make_llm, outputs_to_rollouts, score_with_llm
 from onpolicy.model_dir import require_model_dir
 from onpolicy.teacher.fingerprint import CheckResult, compare_info, describe_model
@@ -127,7 +128,6 @@ class VLLMTeacher(_LocalTeacher):
         """As the student's sampler: prompt i samples with `derive_seed(seed, i)` (identical prompts must not
         share a sample), `logprobs=0` gives the raw log-prob of each sampled token."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         def params(i: int) -> SamplingParams:
             return SamplingParams(
@@ -140,11 +140,7 @@ class VLLMTeacher(_LocalTeacher):
                 detokenize=False,
             )
 
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in req.prompts],
-            [params(i) for i in range(len(req.prompts))],
-            use_tqdm=False,
-        )
+        outs = generate_in_parts(self.llm, req.prompts, params, self.limits.prefill_budget, use_tqdm=False)
         return [
             GeneratedCompletion(prompt_index=r.prompt_index, completion_ids=r.completion_ids,
                                 logprobs=r.sampler_logprobs, finish_reason=r.finish_reason)

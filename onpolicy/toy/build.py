@@ -1,6 +1,6 @@
 """`onpolicy toy build`: produce the toy teacher and student model folders, with caching.
 
-For each model, in order of preference:
+For each model, in order of preference (the kit's build-and-cache):
 1. `out_dir/<name>/build.json` already records the current spec hash: keep it (nothing to do).
 2. The prebuilt copy committed under `onpolicy/toy/assets/<name>` has the current spec hash:
    copy it (seconds instead of minutes of CPU training).
@@ -13,53 +13,16 @@ changing any of them makes both the cache and the committed assets stale, and th
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
-import time
 from pathlib import Path
 
+from onpolicy.kit import build as kit_build
+
 ASSETS_DIR = Path(__file__).parent / "assets"
-BUILD_FILE = "build.json"
-
-
-def read_build_info(model_dir: str | Path) -> dict | None:
-    """The build.json of a model folder, or None if absent or unreadable."""
-    path = Path(model_dir) / BUILD_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_current(model_dir: str | Path, spec) -> bool:
     """True when `model_dir` holds a complete build of exactly `spec`."""
-    info = read_build_info(model_dir)
-    return (
-        info is not None
-        and info.get("spec_hash") == spec.spec_hash()
-        and (Path(model_dir) / "model.safetensors").is_file()
-        and (Path(model_dir) / "config.json").is_file()
-    )
-
-
-def _train_into(spec, dest: Path, log) -> dict:
-    from onpolicy.toy.models import save_model, train_model
-
-    model, info = train_model(spec, log=log)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    info = {
-        "name": spec.name,
-        "spec_hash": spec.spec_hash(),
-        "spec": dataclasses.asdict(spec),
-        **info,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (tmp / BUILD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)  # a half-written folder never looks like a finished build
-    return info
+    return kit_build.is_current(model_dir, spec.spec_hash())
 
 
 def build_toy_models(
@@ -74,28 +37,17 @@ def build_toy_models(
 
     specs = SPECS if specs is None else specs
     assets_dir = ASSETS_DIR if assets_dir is None else Path(assets_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, spec in specs.items():
-        dest = out_dir / name
-        asset = assets_dir / name
-        if not force and is_current(dest, spec):
-            log(f"[{name}] {dest} is up to date (spec {spec.spec_hash()}); nothing to do")
-        elif not force and is_current(asset, spec):
-            tmp = dest.with_name(dest.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(asset, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-            log(
-                f"[{name}] used the prebuilt copy from {asset} (spec {spec.spec_hash()}); "
-                "pass --force to retrain from scratch"
-            )
-        else:
-            why = "--force" if force else "no cached build or prebuilt copy matches the spec"
-            log(f"[{name}] training ({why}) -> {dest}")
-            _train_into(spec, dest, log)
-        results[name] = read_build_info(dest)
+
+        def make(folder: Path, spec=spec) -> dict:
+            from onpolicy.toy.models import shared_tokenizer, train_model
+
+            model, info = train_model(spec, log=log)
+            kit_build.save_model(model, shared_tokenizer(), folder)
+            return {"spec": dataclasses.asdict(spec), **info}
+
+        results[name] = kit_build.build_cached(Path(out_dir) / name, name, spec.spec_hash(), make, force=force,
+                                               prebuilt=assets_dir / name, log=log)
         log(f"[{name}] heldout exact match {results[name]['heldout_accuracy']:.3f}")
     return results

@@ -1,4 +1,6 @@
-"""Bearer-token auth: every endpoint but /healthz, /readyz (and the docs) needs a token when tokens are configured."""
+"""Bearer-token auth: every endpoint but /healthz and /readyz needs a token when tokens are configured; the
+docs (/docs, /redoc, /openapi.json) too (`DOC_PATHS`, which FastAPI serves outside the routers' dependencies,
+are checked by a middleware in app.py), and /readyz says why it is not ready only to a caller with a token."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import hmac
 
 from fastapi import HTTPException, Request
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+UNAUTHORIZED = "missing or invalid bearer token (Authorization: Bearer <token>)"
 
 
 def token_ok(header: str | None, tokens: list[str]) -> bool:
@@ -26,7 +30,6 @@ def make_auth_dependency(tokens: list[str]):
             return
         if not token_ok(request.headers.get("authorization"), tokens):
             # Never echo or log the token that was sent.
-            raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
     return require_token

@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from onpolicy.config import RunConfig, config_error_items
+from onpolicy.config import TEACHER_KINDS, RemoteTeacherConfig, RunConfig, config_error_items
 from onpolicy.status import ACTIVE, RESUMABLE, TERMINAL, RunStatus
 from services.control.db import RunRecord, Store, new_id
 from services.control.launcher import Launcher, RayLauncher
-from services.control.policy import PolicyError
+from services.control.policy import PolicyError, path_fields
 from services.control.reconciler import Reconciler
 from services.control.scheduler import Scheduler
 from services.control.settings import Settings
@@ -57,23 +57,49 @@ class Control:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.policy = settings.policy()
-        self.store = Store(settings.db_url)
+        self.store = Store(settings.db_url, busy_timeout_s=settings.db_busy_timeout_s)
         self.launcher: Launcher = settings.launcher or RayLauncher(settings.ray_address)
-        self.reconciler = Reconciler(self.store, self.launcher)
+        self.reconciler = Reconciler(self.store, self.launcher, settings.launch_grace_s)
         self.scheduler = Scheduler(self.store, self.launcher, self.reconciler, settings.max_concurrent_runs)
 
     def apply_policy(self, cfg: RunConfig) -> None:
-        """Confine the run's paths to the server's roots and check its teacher URL and key name (in place)."""
+        """Hold a REST run to the server's policy (in place): every path field confined to its root, the teacher
+        URLs vetted and pinned to the addresses vetted (resolved once, here), the key name allowed and bound
+        to those hosts, the run's size within the server's limits, each actor's CPUs at least the minimum."""
         p = self.policy
-        p.check_key_env(cfg.teacher.api_key_env, "teacher.api_key_env")
-        cfg.model.student = p.confine(cfg.model.student, p.models_roots, "model.student", "models")
-        cfg.teacher.model = p.confine(cfg.teacher.model, p.models_roots, "teacher.model", "models")
-        if cfg.data.prompts_path is not None:
-            cfg.data.prompts_path = p.confine(cfg.data.prompts_path, p.data_roots, "data.prompts_path", "data")
-        if cfg.teacher.url is not None:
-            cfg.teacher.url = p.check_teacher_url(cfg.teacher.url, "teacher.url")
-        if cfg.teacher.urls:
-            cfg.teacher.urls = [p.check_teacher_url(u, f"teacher.urls.{i}") for i, u in enumerate(cfg.teacher.urls)]
+        for where, kind in path_fields(RunConfig):
+            *sections, name = where.split(".")
+            node = cfg
+            for section in sections:
+                node = getattr(node, section)
+                if node is None:
+                    break
+            # a field of another kind than the section's (teacher.model of a remote teacher) is absent
+            if node is not None and name in type(node).model_fields and getattr(node, name) is not None:
+                setattr(node, name, p.confine_field(getattr(node, name), kind, where, self.settings.runs_root))
+        if isinstance(cfg.teacher, RemoteTeacherConfig):  # a local teacher has no URL or key to vet
+            self._vet_teacher(cfg.teacher)
+        caps = self.settings.run_caps()
+        caps.check(cfg)
+        caps.apply_minimums(cfg)
+
+    def _vet_teacher(self, tc: RemoteTeacherConfig) -> None:
+        p = self.policy
+        p.check_key_env(tc.api_key_env, "teacher.api_key_env")
+        pins: dict[str, str] = {}
+        urls = [("teacher.url", tc.url)] if tc.url is not None else []
+        urls += [(f"teacher.urls.{i}", u) for i, u in enumerate(tc.urls or [])]
+        vetted = []
+        for where, url in urls:
+            url, pinned = p.vet_teacher_url(url, where)
+            p.check_key_host(tc.api_key_env, url, pinned, where)
+            pins.update(pinned)
+            vetted.append(url)
+        if tc.url is not None:
+            tc.url = vetted[0]
+        elif tc.urls:
+            tc.urls = vetted
+        tc.connect_to = pins or None  # never the client's: only addresses vetted here
 
     # ---- runs ------------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord:
@@ -98,7 +124,8 @@ class Control:
             section = data.get("teacher")
             section = dict(section) if isinstance(section, dict) else {}
             section.update(kind=t.kind, url=t.url, api_key_env=t.api_key_env, urls=None)  # the attached one only
-            data["teacher"] = section
+            # as when a command line changes the kind: the section's fields the attached kind lacks are dropped
+            data["teacher"] = TEACHER_KINDS.keep_applicable(section)
         try:
             cfg = RunConfig.model_validate(data)
         except ValidationError as err:
@@ -156,6 +183,9 @@ class Control:
         cfg = rec.config
         if steps is not None:
             cfg.schedule.steps = steps
+        with policy_errors(prefix=("config",)):
+            # Today's policy, not the one at creation: roots, allowed hosts and what a host resolves to change.
+            self.apply_policy(cfg)
         if not self.store.update_run(run_id, expect=(rec.status,), status=RunStatus.QUEUED,
                                      reason="queued: resume requested", resume=1, ended=None,
                                      config_json=json.dumps(cfg.model_dump(mode="json"))):

@@ -35,9 +35,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from onpolicy.config import RunConfig, config_from_dict
+from onpolicy.config import RunConfig, config_from_dict, drop_inapplicable
 from onpolicy.status import ACTIVE, RunStatus
 from services.control.schemas import RunView, TeacherRef
 
@@ -73,10 +74,16 @@ class RunRecord(Base):
     # The run as GET /v1/runs shows it (`RunView` JSON, without history), rendered by every write here, so
     # the reads clients poll are one column of one query.
     view_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Queue and list order: a counter taken at insert (`_on_insert`), not the wall clock, which can step back.
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    # When the reconciler last compared the record with the run's files and driver (wall time, for clients);
+    # kept out of view_json so a pass that changes nothing writes one small column.
+    observed: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     @property
     def config(self) -> RunConfig:
-        return config_from_dict(json.loads(self.config_json), source=f"run {self.id}")
+        # A record stored before the sections were unions holds every kind's fields: drop the unused ones.
+        return config_from_dict(drop_inapplicable(json.loads(self.config_json)), source=f"run {self.id}")
 
     @property
     def latest_metrics(self) -> dict[str, Any] | None:
@@ -91,6 +98,18 @@ class StatusEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     time: Mapped[float] = mapped_column(Float)
+    # `status` (a status change) or `fault` (an actor died and was brought back: metrics.jsonl kind=fault)
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class Counter(Base):
+    """Named counters: `run_seq` numbers runs in insert order; `admission` is bumped by every claim, so
+    claims run one at a time (SQLite's write lock, a row lock elsewhere) and the count of active runs a
+    claim reads is not stale."""
+
+    __tablename__ = "control_counters"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class TeacherRecord(Base):
@@ -106,7 +125,8 @@ class TeacherRecord(Base):
 
 
 def render_view(rec: RunRecord) -> str:
-    """The record's `RunView` as JSON without `history` (kept in `view_json`; the reads add the history)."""
+    """The record's `RunView` as JSON without `history` and `observed` (kept in `view_json`; the reads add
+    them)."""
     cfg = json.loads(rec.config_json)  # the plain JSON: an old config this version would refuse still shows
     teacher = cfg.get("teacher") or {}
     view = RunView(
@@ -116,12 +136,21 @@ def render_view(rec: RunRecord) -> str:
         teacher=TeacherRef(kind=teacher.get("kind", ""), url=teacher.get("url"), teacher_id=rec.teacher_id),
         output_dir=rec.output_dir, created=rec.created, updated=rec.updated, started=rec.started, ended=rec.ended,
     )
-    return view.model_dump_json(exclude={"history"})
+    return view.model_dump_json(exclude={"history", "observed"})
+
+
+def _bump(conn: Any, name: str) -> int:
+    """Increment counter `name` and return its new value (in the caller's transaction, which now holds it)."""
+    table = Counter.__table__
+    conn.execute(update(table).where(table.c.name == name).values(value=table.c.value + 1))
+    return int(conn.execute(select(table.c.value).where(table.c.name == name)).scalar_one())
 
 
 @event.listens_for(RunRecord, "before_insert")
-def _render_on_insert(_mapper: Any, _conn: Any, rec: RunRecord) -> None:
+def _on_insert(_mapper: Any, conn: Any, rec: RunRecord) -> None:
     rec.view_json = render_view(rec)  # updates (`Store.update_run`) render it themselves
+    if rec.seq is None:
+        rec.seq = _bump(conn, "run_seq")
 
 
 class HotRead:
@@ -146,11 +175,14 @@ class HotRead:
 
 
 _RUNS, _HISTORY = RunRecord.__table__.c, StatusEvent.__table__.c
-_VIEWS = select(_RUNS.view_json).order_by(_RUNS.created).limit(bindparam("limit"))
+# Newest first, a page at a time: `before` is the `seq` the previous page ended at (a cursor).
+_VIEWS = (select(_RUNS.view_json, _RUNS.observed, _RUNS.seq).where(_RUNS.seq < bindparam("before"))
+          .order_by(_RUNS.seq.desc()).limit(bindparam("limit")))
 _VIEWS_BY_STATUS = _VIEWS.where(_RUNS.status == bindparam("status"))
-_VIEW = select(_RUNS.view_json).where(_RUNS.id == bindparam("run_id"))
-_HISTORY_ROWS = (select(_HISTORY.status, _HISTORY.reason, _HISTORY.step, _HISTORY.time)
+_VIEW = select(_RUNS.view_json, _RUNS.observed).where(_RUNS.id == bindparam("run_id"))
+_HISTORY_ROWS = (select(_HISTORY.status, _HISTORY.reason, _HISTORY.step, _HISTORY.time, _HISTORY.kind)
                  .where(_HISTORY.run_id == bindparam("run_id")).order_by(_HISTORY.id))
+NO_CURSOR = 1 << 62
 
 
 def new_id() -> str:
@@ -160,16 +192,18 @@ def new_id() -> str:
 class Store:
     """Thin data access over one engine; every method opens and commits its own session."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, busy_timeout_s: float = 2.0):
+        """`busy_timeout_s`: how long a statement waits for a lock another connection holds before it raises
+        (the API answers 503 then; a long wait would hold a request, and a thread, that long)."""
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             path = url.split("sqlite:///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_s))
         Base.metadata.create_all(self.engine)
         _upgrade(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -177,9 +211,12 @@ class Store:
             HotRead(self.engine, q) for q in (_VIEWS, _VIEWS_BY_STATUS, _VIEW, _HISTORY_ROWS))
 
     def ping(self) -> None:
-        """One round trip to the database (raises if it cannot be reached)."""
+        """Read what the API serves, the first page of `GET /v1/runs` and a run's history (raises if the database
+        cannot be reached or those pages cannot be read): `SELECT 1` passes on a file whose table pages are
+        corrupt while every list fails."""
+        self.views(limit=100)
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            conn.execute(select(_HISTORY.status, _HISTORY.reason).order_by(_HISTORY.id.desc()).limit(1)).all()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -198,24 +235,49 @@ class Store:
             return s.get(RunRecord, run_id)
 
     def runs_in(self, statuses: Collection[RunStatus] | None, limit: int | None = None) -> list[RunRecord]:
-        """Runs whose status is one of `statuses` (None: any), oldest first; no cap unless `limit`."""
-        q = select(RunRecord).order_by(RunRecord.created)
+        """Runs whose status is one of `statuses` (None: any), in the order they were added; no cap unless
+        `limit`."""
+        q = select(RunRecord).order_by(RunRecord.seq, RunRecord.id)
         if statuses is not None:
             q = q.where(RunRecord.status.in_(list(statuses)))
         with self.session() as s:
             return list(s.scalars(q.limit(limit)))
 
-    def views(self, status: RunStatus | None = None, limit: int = 1000) -> list[str]:
-        """The stored views (JSON) of at most `limit` runs, oldest first (GET /v1/runs)."""
-        if status is None:
-            return [v for (v,) in self._views.rows(limit=limit)]
-        return [v for (v,) in self._views_by_status.rows(status=RunStatus(status).value, limit=limit)]
+    def views(self, status: RunStatus | None = None, limit: int = 100, before: int | None = None
+              ) -> tuple[list[tuple[str, float | None]], int | None]:
+        """A page of stored views (JSON, observed), newest first (GET /v1/runs), and the cursor of the next
+        page (None: this is the last). `before`: the cursor a previous page returned."""
+        args = {"limit": limit + 1, "before": NO_CURSOR if before is None else before}
+        rows = self._views.rows(**args) if status is None else \
+            self._views_by_status.rows(status=RunStatus(status).value, **args)
+        page = rows[:limit]
+        return [(v, observed) for v, observed, _ in page], (page[-1][2] if len(rows) > limit else None)
 
-    def view(self, run_id: str) -> tuple[str, list[tuple[Any, ...]]] | None:
-        """One run's stored view (JSON) and its status history as (status, reason, step, time) rows
-        (GET /v1/runs/{id}); None: no such run."""
+    def view(self, run_id: str) -> tuple[str, float | None, list[tuple[Any, ...]]] | None:
+        """One run's stored view (JSON), when it was last observed, and its history as (status, reason, step,
+        time, kind) rows (GET /v1/runs/{id}); None: no such run."""
         found = self._view.rows(run_id=run_id)
-        return (found[0][0], self._history.rows(run_id=run_id)) if found else None
+        return (found[0][0], found[0][1], self._history.rows(run_id=run_id)) if found else None
+
+    def mark_observed(self, run_ids: Collection[str], now: float) -> None:
+        """The reconciler compared these records with their runs at `now` (one statement, the views untouched)."""
+        if run_ids:
+            with self.session() as s:
+                s.execute(update(RunRecord).where(RunRecord.id.in_(list(run_ids))).values(observed=now)
+                          .execution_options(synchronize_session=False))
+
+    def add_faults(self, run_id: str, faults: list[tuple[str, int, float]]) -> None:
+        """History rows of kind `fault`: (text, step, time) each, with the run's status at the time."""
+        with self.session() as s:
+            rec = s.get(RunRecord, run_id)
+            if rec is not None:
+                s.add_all(StatusEvent(run_id=run_id, status=rec.status, reason=text, step=step, time=t, kind="fault")
+                          for text, step, t in faults)
+
+    def last_fault_time(self, run_id: str) -> float | None:
+        with self.session() as s:
+            return s.scalar(select(func.max(StatusEvent.time)).where(StatusEvent.run_id == run_id,
+                                                                     StatusEvent.kind == "fault"))
 
     def count_by_status(self) -> dict[RunStatus, int]:
         with self.session() as s:
@@ -229,29 +291,22 @@ class Store:
     def update_run(self, run_id: str, *, expect: tuple[RunStatus, ...] | None = None, **fields: Any) -> bool:
         """Set `fields` (a status change is added to the history); with `expect`, only if the status is one
         of those (a compare-and-set: the replica whose UPDATE matched owns the transition)."""
-        fields["updated"] = time.time()
-        q = update(RunRecord).where(RunRecord.id == run_id)
-        if expect is not None:
-            q = q.where(RunRecord.status.in_(expect))
         with self.session() as s:
-            old = s.get(RunRecord, run_id)
-            if old is None:
-                return False
-            changed_status = "status" in fields and fields["status"] != old.status
-            n = s.execute(q.values(**fields).execution_options(synchronize_session=False)).rowcount
-            if not n:
-                return False
-            if changed_status:
-                s.add(StatusEvent(run_id=run_id, status=fields["status"], reason=fields.get("reason"),
-                                  step=fields.get("step", old.step), time=fields["updated"]))
-            s.refresh(old)  # the row as this transaction left it, for its view
-            s.execute(update(RunRecord).where(RunRecord.id == run_id).values(view_json=render_view(old)))
-            return True
+            return _update(s, run_id, expect, fields)
 
-    def claim_queued(self, run_id: str, reason: str | None = None) -> bool:
+    def claim_queued(self, run_id: str, reason: str | None = None, max_active: int | None = None) -> bool:
+        """queued -> starting, only if the run is still queued and, with `max_active`, fewer runs than that are
+        active: one transaction that first takes the admission counter, so two claims never both see a free
+        slot (12 concurrent POSTs with a limit of 1 start one run)."""
         now = time.time()
-        return self.update_run(run_id, expect=(RunStatus.QUEUED,), status=RunStatus.STARTING, reason=reason,
-                               started=now, launch_began=now)
+        with self.session() as s:
+            _bump(s.connection(), "admission")
+            if max_active is not None:
+                active = s.scalar(select(func.count()).where(RunRecord.status.in_(ACTIVE))) or 0
+                if active >= max_active:
+                    return False
+            fields = {"status": RunStatus.STARTING, "reason": reason, "started": now, "launch_began": now}
+            return _update(s, run_id, (RunStatus.QUEUED,), fields)
 
     def delete_run(self, run_id: str, expect: RunStatus) -> bool:
         """Delete the run and its history only if its status is still `expect` (a compare-and-set: a resume
@@ -291,23 +346,57 @@ class Store:
             return True
 
 
+def _update(s: Session, run_id: str, expect: tuple[RunStatus, ...] | None, fields: dict[str, Any]) -> bool:
+    """`Store.update_run` inside the session `s`."""
+    fields["updated"] = time.time()
+    q = update(RunRecord).where(RunRecord.id == run_id)
+    if expect is not None:
+        q = q.where(RunRecord.status.in_(expect))
+    old = s.get(RunRecord, run_id)
+    if old is None:
+        return False
+    changed_status = "status" in fields and fields["status"] != old.status
+    n = s.execute(q.values(**fields).execution_options(synchronize_session=False)).rowcount
+    if not n:
+        return False
+    if changed_status:
+        s.add(StatusEvent(run_id=run_id, status=fields["status"], reason=fields.get("reason"),
+                          step=fields.get("step", old.step), time=fields["updated"], kind="status"))
+    s.refresh(old)  # the row as this transaction left it, for its view
+    s.execute(update(RunRecord).where(RunRecord.id == run_id).values(view_json=render_view(old)))
+    return True
+
+
 def _upgrade(engine: Engine) -> None:
     """Bring a database an older version made up to the models: add the columns it lacks (all nullable), then
     render the views it has not stored (a version that changes `RunView` clears view_json to re-render)."""
-    table = RunRecord.__table__
-    have = {c["name"] for c in inspect(engine).get_columns(table.name)}
     with engine.begin() as conn:
-        for col in table.columns:
-            if col.name not in have:
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
-                                  f"{col.type.compile(engine.dialect)}"))
+        for table in (RunRecord.__table__, StatusEvent.__table__):
+            have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                                      f"{col.type.compile(engine.dialect)}"))
+    counters = Counter.__table__
+    for name in ("run_seq", "admission"):
+        try:
+            with engine.begin() as conn:
+                if conn.execute(select(counters.c.name).where(counters.c.name == name)).first() is None:
+                    conn.execute(counters.insert().values(name=name, value=0))
+        except IntegrityError:  # another replica created it first
+            pass
     with Session(engine) as s, s.begin():
+        for rec in s.scalars(select(RunRecord).where(RunRecord.seq.is_(None)).order_by(RunRecord.created)):
+            rec.seq = _bump(s.connection(), "run_seq")  # rows an older version wrote, in their created order
         for rec in s.scalars(select(RunRecord).where(RunRecord.view_json.is_(None))):
             rec.view_json = render_view(rec)
 
 
-def _sqlite_pragmas(conn: Any, _record: Any) -> None:
-    cur = conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the scheduler's writes
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+def _sqlite_pragmas(busy_timeout_s: float):
+    def on_connect(conn: Any, _record: Any) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the scheduler's writes
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.close()
+
+    return on_connect

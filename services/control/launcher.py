@@ -36,6 +36,10 @@ class Launcher(Protocol):
     def live_run_ids(self) -> set[str] | None:
         """Ids of every run that has a driver (None: cannot tell)."""
 
+    def driver_state(self, run_id: str) -> dict[str, Any] | None:
+        """What the run's driver says of itself (`RunActor.state()`: phase, error, closed); None: no driver,
+        or it does not answer now."""
+
     def reap(self, run_id: str, force: bool = False) -> bool:
         """Remove a driver whose run is over (once it has closed its actors; `force`: now)."""
 
@@ -140,6 +144,15 @@ class RayLauncher:
                     ids.add(rid)
         return ids
 
+    def driver_state(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            ray = self._ray()
+            handle = self._handle(run_id)
+            return None if handle is None else ray.get(handle.state.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 -- no answer now; the next pass asks again
+            log.info("driver of run %s did not say its state: %s", run_id, err)
+            return None
+
     def reap(self, run_id: str, force: bool = False) -> bool:
         ray = self._ray()
         handle = self._handle(run_id)
@@ -177,15 +190,17 @@ class InMemoryLauncher:
 
     For tests of the HTTP layer and the fuzz: `fail_with` makes every submission fail with that reason
     (`fail_after_create`: after its driver exists, as when a Ray actor does not answer in time);
-    `gate`, while not set, holds each submission (a launch in progress).
+    `gate`, while not set, holds each submission (a launch in progress); `list_gate`, while not set, holds
+    `live_run_ids` (a cluster slow to answer the reconciler).
     """
 
     def __init__(self, cpus: float | None = None, fail_with: str | None = None, fail_after_create: bool = False,
-                 gate: threading.Event | None = None):
+                 gate: threading.Event | None = None, list_gate: threading.Event | None = None):
         self.cpus = cpus
         self.fail_with = fail_with
         self.fail_after_create = fail_after_create
         self.gate = gate
+        self.list_gate = list_gate
         self.unready: str | None = None  # what `ready()` says (None: ready)
         self.live: dict[str, dict[str, Any]] = {}
         self.submits: list[tuple[str, bool]] = []
@@ -198,7 +213,7 @@ class InMemoryLauncher:
             raise LaunchError("the test never opened the launch gate")
         with self._lock:
             self.submits.append((run_id, resume))
-            self.live[run_id] = {"cfg": cfg, "step": 0}
+            self.live[run_id] = {"cfg": cfg, "step": 0, "phase": "running", "error": None}
         if self.fail_with:
             raise LaunchError(self.fail_with)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -216,7 +231,17 @@ class InMemoryLauncher:
         return run_id in self.live
 
     def live_run_ids(self) -> set[str] | None:
+        if self.list_gate is not None and not self.list_gate.wait(timeout=60):
+            return None
         return set(self.live)
+
+    def driver_state(self, run_id: str) -> dict[str, Any] | None:
+        entry = self.live.get(run_id)
+        if entry is None:
+            return None
+        done = entry["phase"] in ("finished", "stopped", "paused", "failed")
+        return {"phase": entry["phase"], "step": entry["step"], "error": entry["error"], "done": done,
+                "closed": done}
 
     def reap(self, run_id: str, force: bool = False) -> bool:
         return self.live.pop(run_id, None) is not None
@@ -230,3 +255,8 @@ class InMemoryLauncher:
     def lose(self, run_id: str) -> None:
         """Simulate a driver that died (node lost) without writing a final status."""
         self.live.pop(run_id, None)
+
+    def fail_unrecorded(self, run_id: str, error: str) -> None:
+        """Simulate a driver whose `train()` failed and whose write of the failure to status.json failed too
+        (a full disk): the actor lives on and says `failed`, the file still says `running`."""
+        self.live[run_id].update(phase="failed", error=error)

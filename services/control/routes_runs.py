@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from onpolicy.metrics import read_metrics
@@ -29,9 +27,11 @@ from services.control.schemas import (
     RunList,
     RunView,
 )
+from services.control.streams import Slot, TarGzStream
 from services.control.views import list_json, with_history
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
+SSE_READ_BYTES = 1 << 20  # metrics.jsonl read per pass of an event stream (a long run's file is not read at once)
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem}, 422: {"model": Problem},
 }
@@ -47,7 +47,7 @@ def _json(text: str, status_code: int = 200) -> Response:
 
 
 def _view(rec: RunRecord, status_code: int = 200) -> Response:
-    return _json(with_history(rec.view_json or render_view(rec), None), status_code)
+    return _json(with_history(rec.view_json or render_view(rec), rec.observed, None), status_code)
 
 
 @router.post("", status_code=201, response_model=RunView, responses=ERRORS,
@@ -57,17 +57,23 @@ def create_run(body: CreateRun, request: Request) -> Response:
 
 
 # The two reads clients poll: the stored views, from the database alone (the reconciler keeps them fresh).
-# `async def` on purpose: a read is one indexed query (~0.2 ms on SQLite), cheaper inline on the event loop
-# than a hop to the thread pool, whose threads contend for the GIL with the loop: with 20 clients, plain `def`
-# took 2.8 ms of CPU per request against 0.7 ms, and p99 74-124 ms against 35 ms.
-@router.get("", response_model=RunList, responses=ERRORS, summary="List runs (optionally by status)")
-async def list_runs(request: Request, status: RunStatus | None = None) -> Response:
-    return _json(list_json(_control(request).store.views(status=status)))
+# Plain `def` (the thread pool), not `async def`: a read that waits for a database lock must not stall the
+# event loop, which answers /healthz and every other request (inline on the loop, a 30 s lock held them all).
+@router.get("", response_model=RunList, responses=ERRORS,
+            summary="List runs, newest first, a page at a time (optionally by status)")
+def list_runs(request: Request, status: RunStatus | None = None,
+              limit: int = Query(100, ge=1, le=1000, description="Runs per page."),
+              before: str | None = Query(None, pattern=r"^[0-9]{1,18}$",
+                                         description="The `next` of the previous page.")) -> Response:
+    views, next_cursor = _control(request).store.views(status=status, limit=limit,
+                                                       before=None if before is None else int(before))
+    return _json(list_json(views, next_cursor))
 
 
 @router.get("/{run_id}", response_model=RunView, responses=ERRORS,
-            summary="A run: status, step, policy version, latest metrics, teacher, timestamps, reason")
-async def get_run(run_id: str, request: Request) -> Response:
+            summary="A run: status, step, policy version, latest metrics, teacher, timestamps, reason, history "
+            "(status changes and faults), when it was last observed")
+def get_run(run_id: str, request: Request) -> Response:
     found = _control(request).store.view(run_id)
     if found is None:
         raise ApiError(404, f"no run with id {run_id!r}")
@@ -112,37 +118,67 @@ def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/{run_id}/events", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
-            summary="Server-sent events: `metrics` (each record) and `status` changes; ends at a terminal status")
-async def run_events(run_id: str, request: Request, poll_s: float = Query(0.5, ge=0.05, le=10.0)):
+def _busy(what: str, limit: int) -> Response:
+    return JSONResponse({"detail": f"too many {what} open at once (this server allows {limit}); retry shortly"},
+                        status_code=429, headers={"Retry-After": "5"})
+
+
+def _read_from(path: Path, offset: int, limit: int) -> tuple[int, bytes]:
+    """(where the read began, up to `limit` bytes of `path` from `offset`); a file now shorter than `offset` was
+    rewound to a checkpoint, and is read again from its start."""
+    if not path.exists():
+        return offset, b""
+    with path.open("rb") as f:
+        if f.seek(0, 2) < offset:
+            offset = 0
+        f.seek(offset)
+        return offset, f.read(limit)
+
+
+@router.get("/{run_id}/events", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}},
+                                           429: {"model": Problem}},
+            summary="Server-sent events: `metrics` (each record), `fault` (an actor died and was brought back) and "
+            "`status` changes; ends at a terminal status")
+async def run_events(run_id: str, request: Request, poll_s: float = Query(1.0, ge=0.5, le=10.0)):
     c = _control(request)
     rec = await run_in_threadpool(c.get, run_id)
+    slot = Slot.take(request.app.state.event_streams)
+    if slot is None:
+        return _busy("event streams", c.settings.max_event_streams)
 
     async def stream():
         path = Path(rec.output_dir) / "metrics.jsonl"
         offset, last_status, buf = 0, None, b""
-        while True:
-            current = await run_in_threadpool(c.get, run_id)
-            # metrics first, so a client sees every step before the final status
-            if path.exists():
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
+        try:
+            while True:
+                current = await run_in_threadpool(c.get, run_id)
+                # metrics first, so a client sees every step before the final status; a bounded read per pass
+                start, chunk = await run_in_threadpool(_read_from, path, offset, SSE_READ_BYTES)
+                if start != offset:
+                    buf = b""  # rewound: a partial line from before is gone
+                offset = start + len(chunk)
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    if line.strip():
-                        yield _sse("metrics", json.loads(line))
-            file = read_status(rec.output_dir) or {}
-            status = (current.status, current.step, current.reason)
-            if status != last_status:
-                last_status = status
-                yield _sse("status", {"status": current.status, "step": current.step, "reason": current.reason,
-                                      "file_status": file.get("status")})
-            if c.is_terminal(current.status) or await request.is_disconnected():
-                return
-            await asyncio.sleep(poll_s)
+                    try:
+                        item = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        continue  # a torn line (the run crashed mid-write)
+                    if isinstance(item, dict):
+                        yield _sse("fault" if item.get("kind") == "fault" else "metrics", item)
+                if len(chunk) == SSE_READ_BYTES:
+                    continue  # more to read now
+                file = await run_in_threadpool(read_status, rec.output_dir) or {}
+                status = (current.status, current.step, current.reason)
+                if status != last_status:
+                    last_status = status
+                    yield _sse("status", {"status": current.status, "step": current.step,
+                                          "reason": current.reason, "file_status": file.get("status")})
+                if c.is_terminal(current.status) or await request.is_disconnected():
+                    return
+                await asyncio.sleep(poll_s)
+        finally:
+            slot.release()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -173,23 +209,27 @@ def list_artifacts(run_id: str, request: Request) -> ArtifactList:
     return ArtifactList(run_id=run_id, artifacts=items)
 
 
-@router.get("/{run_id}/artifacts/student.tar.gz", responses={**ERRORS, 200: {"content": {"application/gzip": {}}}},
-            summary="The final student (Hugging Face folder) as a tar.gz stream")
+@router.get("/{run_id}/artifacts/student.tar.gz",
+            responses={**ERRORS, 200: {"content": {"application/gzip": {}}}, 429: {"model": Problem}},
+            summary="The final student (Hugging Face folder) as a tar.gz stream, packed as it is sent (429 when "
+            "too many downloads run)")
 def download_student(run_id: str, request: Request):
     rec = _control(request).get(run_id)
     student = Path(rec.output_dir) / "student"
     if not (student / "config.json").is_file():
         raise ApiError(404, f"run {run_id} has no final student yet (status {rec.status}); it is saved when the "
                        "run finishes, stops or pauses")
-    spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 -- closed by chunks()
-    with tarfile.open(fileobj=spool, mode="w:gz") as tar:
-        tar.add(student, arcname="student")
-    spool.seek(0)
+    slot = Slot.take(request.app.state.downloads)
+    if slot is None:
+        return _busy("student downloads", _control(request).settings.max_downloads)
+    archive = TarGzStream(student, "student", slot)
 
-    def chunks():
-        with spool:
-            while data := spool.read(1 << 20):
+    async def chunks():
+        try:
+            while (data := await run_in_threadpool(archive.next_chunk)) is not None:
                 yield data
+        finally:
+            archive.close()  # a client that left stops the packer and frees the slot
 
     return StreamingResponse(chunks(), media_type="application/gzip",
                              headers={"Content-Disposition": content_disposition(f"{rec.name}-student.tar.gz")})

@@ -9,6 +9,7 @@ import time
 import httpx
 from fastapi import APIRouter, Request
 
+from onpolicy.teacher import pinned
 from onpolicy.teacher.factory import REMOTE_KINDS
 from services.control.core import ApiError, Control, policy_errors
 from services.control.db import TeacherRecord, new_id
@@ -22,14 +23,17 @@ def _control(request: Request) -> Control:
     return request.app.state.control
 
 
-def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: float = 10.0) -> dict:
-    """Without a student folder, only check that the teacher answers its dialect's info endpoint.
-    Only the status code is reported: an upstream body never goes back to the API client."""
+def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: float = 10.0,
+                        connect_to: dict[str, str] | None = None) -> dict:
+    """Without a student folder, only check that the teacher answers its dialect's info endpoint (at the
+    address the policy vetted, `connect_to`; no proxy from the environment). Only the status code is
+    reported: an upstream body never goes back to the API client."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     base = httpx.URL(url)
     target = base.copy_with(path=base.path.rstrip("/") + REMOTE_KINDS[kind].info_path)
     try:
-        r = httpx.get(target, headers=headers, timeout=timeout_s, follow_redirects=False)
+        with pinned.client(connect_to, timeout=timeout_s, follow_redirects=False) as http:
+            r = http.get(target, headers=headers)
         ok = r.status_code == 200
         msg = f"GET {target} -> HTTP {r.status_code}" + ("" if ok else " (is the URL, kind and API key right?)")
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as err:  # an unusable URL is a failed check
@@ -41,14 +45,15 @@ def reachability_report(url: str, kind: str, api_key: str | None, timeout_s: flo
     return {"ok": ok, "items": items, "text": text}
 
 
-def run_check(body: AttachTeacher) -> dict:
+def run_check(body: AttachTeacher, connect_to: dict[str, str] | None = None) -> dict:
     api_key = os.environ.get(body.api_key_env) if body.api_key_env else None  # unset: the check says 401
     if not body.student:
-        return reachability_report(body.url, body.kind, api_key)
+        return reachability_report(body.url, body.kind, api_key, connect_to=connect_to)
     from onpolicy.teacher.check import check_teacher
 
     try:
-        report = check_teacher(body.url, body.kind, body.student, api_key=api_key, timeout_s=15.0)
+        report = check_teacher(body.url, body.kind, body.student, api_key=api_key, timeout_s=15.0,
+                               connect_to=connect_to)
     except Exception as err:  # noqa: BLE001 -- a check that cannot run is a failed check, not a 500
         msg = f"the check could not run: {type(err).__name__}"
         return {"ok": False, "items": [{"name": "check", "status": "fail", "message": msg}], "text": msg}
@@ -69,10 +74,11 @@ def attach_teacher(body: AttachTeacher, request: Request) -> TeacherView:
     p = control.policy
     with policy_errors(prefix=("body",)):
         p.check_key_env(body.api_key_env, "api_key_env")
-        body.url = p.check_teacher_url(body.url, "url")
+        body.url, pins = p.vet_teacher_url(body.url, "url")
+        p.check_key_host(body.api_key_env, body.url, pins, "api_key_env")
         if body.student is not None:
             body.student = p.confine(body.student, p.models_roots, "student", "models")
-    report = run_check(body)
+    report = run_check(body, pins)  # to the address vetted above, never a second resolution
     rec = TeacherRecord(id=new_id(), url=body.url, kind=body.kind, api_key_env=body.api_key_env,
                         student=body.student, ok=int(report["ok"]), report_json=json.dumps(report),
                         created=time.time())

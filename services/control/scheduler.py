@@ -22,6 +22,7 @@ from onpolicy.status import TERMINAL, RunStatus, write_status
 from services.control.db import RunRecord, Store
 from services.control.launcher import Launcher, LaunchError
 from services.control.reconciler import Reconciler
+from services.control.redact import redact
 
 log = logging.getLogger(__name__)
 LAUNCHING = "launching the driver actor"
@@ -52,16 +53,24 @@ class Scheduler:
             if reason != rec.reason:
                 self.store.update_run(rec.id, expect=(RunStatus.QUEUED,), reason=reason)
             return self.store.get_run(rec.id) or rec
-        if not self.store.claim_queued(rec.id, reason=LAUNCHING):
-            return self.store.get_run(rec.id) or rec  # another replica took it, or it was stopped
-        Path(rec.output_dir).mkdir(parents=True, exist_ok=True)
-        write_status(rec.output_dir, RunStatus.STARTING, step=rec.step)  # a stale final status must not win
+        self.reconciler.in_flight.add(rec.id)  # from before the claim: the reconciler must not call it stuck
         try:
-            self.launcher.submit(rec.id, rec.config, resume=bool(rec.resume))
-        except LaunchError as err:
-            self._launch_failed(rec, str(err))
-        else:
-            self._launched(rec.id)
+            if not self.store.claim_queued(rec.id, reason=LAUNCHING, max_active=self.max_concurrent_runs):
+                # another replica took it, it was stopped, or a concurrent claim took the last slot
+                now = self.store.get_run(rec.id) or rec
+                if now.status == RunStatus.QUEUED and (why := self.wait_reason(now)) and why != now.reason:
+                    self.store.update_run(rec.id, expect=(RunStatus.QUEUED,), reason=why)
+                return self.store.get_run(rec.id) or rec
+            Path(rec.output_dir).mkdir(parents=True, exist_ok=True)
+            write_status(rec.output_dir, RunStatus.STARTING, step=rec.step)  # a stale final status must not win
+            try:
+                self.launcher.submit(rec.id, rec.config, resume=bool(rec.resume))
+            except LaunchError as err:
+                self._launch_failed(rec, redact(str(err)) or "launch failed")
+            else:
+                self._launched(rec.id)
+        finally:
+            self.reconciler.in_flight.discard(rec.id)
         return self.store.get_run(rec.id) or rec
 
     def _launched(self, run_id: str) -> None:
@@ -86,7 +95,8 @@ class Scheduler:
         self.store.update_run(rec.id, status=RunStatus.FAILED, reason=reason, ended=time.time(), launch_began=None)
 
     def tick(self) -> None:
-        """Start the oldest queued run while one fits; FIFO: later runs wait behind the first that does not.
+        """Start the oldest queued run while one fits; FIFO (by the order runs were added, not the wall clock):
+        later runs wait behind the first that does not.
 
         One run read at a time, so a long queue costs a tick one small query, not every record."""
         while oldest := self.store.runs_in([RunStatus.QUEUED], limit=1):

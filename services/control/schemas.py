@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from onpolicy.config import REMOTE_DIALECTS
 from onpolicy.status import RunStatus
 
 
@@ -44,6 +45,9 @@ class StatusChange(BaseModel):
     reason: str | None = None
     step: int
     time: float
+    kind: Literal["status", "fault"] = Field(
+        "status", description="`status`: the run changed status; `fault`: an actor died and was brought back "
+        "(`reason` says which and how; the run's status is unchanged).")
 
 
 class RunView(BaseModel):
@@ -61,11 +65,15 @@ class RunView(BaseModel):
     updated: float
     started: float | None = None
     ended: float | None = None
+    observed: float | None = Field(
+        None, description="When the control plane last compared this record with the run's files and driver "
+        "(Unix time; null: not yet, e.g. right after an API restart). Fields may lag the run by the time since.")
     history: list[StatusChange] | None = None
 
 
 class RunList(BaseModel):
-    runs: list[RunView]
+    runs: list[RunView] = Field(description="Newest first.")
+    next: str | None = Field(None, description="Pass as `before` for the next (older) page; null: no more runs.")
 
 
 class MetricsView(BaseModel):
@@ -89,7 +97,8 @@ class ArtifactList(BaseModel):
 class AttachTeacher(_Body):
     url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://",
                      description="Base URL of the teacher, e.g. http://teacher:8100.")
-    kind: Literal["service", "vllm", "sglang"] = "service"
+    kind: Literal[tuple(REMOTE_DIALECTS)] = Field(  # type: ignore[valid-type]  # the config's remote dialects
+        "service", description="The endpoint's dialect. " + "; ".join(f"`{k}`: {d.about}" for k, d in REMOTE_DIALECTS.items()))
     api_key_env: str | None = Field(None, min_length=1, max_length=128,
                                     description="Env var (on the API and the cluster) holding its bearer token.")
     student: str | None = Field(None, min_length=1, max_length=4096,

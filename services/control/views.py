@@ -9,17 +9,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 
-def with_history(view_json: str, history: Sequence[Sequence[Any]] | None) -> str:
-    """A stored view with its `history` (rows of status, reason, step, time; None: `null`)."""
+def with_history(view_json: str, observed: float | None, history: Sequence[Sequence[Any]] | None) -> str:
+    """A stored view with when it was last observed and its `history` (rows of status, reason, step, time,
+    kind; None: `null`)."""
     items = None if history is None else [
-        {"status": str(status), "reason": reason, "step": step, "time": t} for status, reason, step, t in history]
-    return _add_history(view_json, json.dumps(items))
+        {"status": str(status), "reason": reason, "step": step, "time": t, "kind": kind or "status"}
+        for status, reason, step, t, kind in history]
+    return _add(view_json, observed, json.dumps(items))
 
 
-def list_json(views: Iterable[str]) -> str:
-    """`RunList` JSON of stored views (each with `"history": null`, as the schema has it)."""
-    return '{"runs":[' + ",".join(_add_history(v, "null") for v in views) + "]}"
+def list_json(views: Iterable[tuple[str, float | None]], next_cursor: int | None = None) -> str:
+    """`RunList` JSON of stored views (each with `"history": null`, as the schema has it) and the next page's
+    cursor."""
+    runs = ",".join(_add(v, observed, "null") for v, observed in views)
+    return '{"runs":[' + runs + '],"next":' + json.dumps(None if next_cursor is None else str(next_cursor)) + "}"
 
 
-def _add_history(view_json: str, history_json: str) -> str:
-    return f'{view_json[:-1]},"history":{history_json}}}'
+def _add(view_json: str, observed: float | None, history_json: str) -> str:
+    return f'{view_json[:-1]},"observed":{json.dumps(observed)},"history":{history_json}}}'

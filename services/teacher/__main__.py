@@ -50,6 +50,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-samples-per-prompt", type=int, default=None,
         help="most completions per prompt (n) /v1/generate makes (default: 16)",
     )
+    for flag, what in (("--max-top-k", "per position (default: 256, at most the vocabulary)"),
+                       ("--max-topk-entries", "in all, top_k x completion tokens (default: 4194304)")):
+        p.add_argument(flag, type=int, default=None, help=f"most top-k entries a score request may ask for {what}")
     p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--log-level", default="info")
@@ -76,6 +79,8 @@ def serve_from_args(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         max_new_tokens=args.max_new_tokens,
         max_samples_per_prompt=args.max_samples_per_prompt,
+        max_top_k=args.max_top_k,
+        max_topk_entries=args.max_topk_entries,
         kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len,
         log_level=args.log_level,

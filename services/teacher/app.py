@@ -9,16 +9,17 @@ Endpoints (wire types from `onpolicy.types`):
   (`usage`: prompt tokens, once per prompt, and tokens generated). Not merged with other requests:
   it runs alone on the engine thread, between merged score calls (`ScoreBatcher.run_exclusive`).
 - `GET /v1/info`: `TeacherInfo` (model name, vocab size, tokenizer fingerprint, BOS/EOS, max top-k).
-- `GET /healthz`: liveness, never needs the token. `GET /readyz`: ready to score (the server listens
-  only once its engine is loaded), never needs the token; the probe compose and Kubernetes use.
+- `GET /healthz`: liveness, never needs the token. `GET /readyz`: the engine still scores (recent
+  traffic, or a one-token probe: health.py), never needs the token; the probe compose and Kubernetes use.
 - `GET /metrics`: Prometheus text from this app's own `CollectorRegistry` (several apps in one
   process, as in tests, do not share counters).
 
 With `api_key` set, every endpoint but `/healthz` needs `Authorization: Bearer <key>`; the key
 is compared in constant time and never logged. Requests are checked against the limits before
 they reach the queue, so a bad request fails alone and fast: a body over `max_body_bytes`, too
-many sequences or a sequence too long -> 413, `top_k` above the teacher's maximum or a token id
-outside the vocabulary -> 422. For generation: more than `max_sequences` prompts or completions
+many sequences or a sequence too long, top_k x completion tokens above `max_topk_entries` -> 413,
+`top_k` above `max_top_k` (`--max-top-k`, at most the vocabulary) or a token id outside the vocabulary
+-> 422. For generation: more than `max_sequences` prompts or completions
 (prompts x n), `n` above `max_samples_per_prompt`, `max_new_tokens` above the server's, or a prompt
 whose length plus `max_new_tokens` is above the longest sequence -> 413; an empty prompt or a token id
 outside the vocabulary -> 422. The teacher raising `ValueError` about a request's content -> 422;
@@ -67,6 +68,7 @@ from onpolicy.types import (
 )
 from services.body_limit import BodyLimit
 from services.teacher.batcher import QueueFull, ScoreBatcher
+from services.teacher.health import EngineHealth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,6 +100,10 @@ GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 DEFAULT_MAX_NEW_TOKENS = 1024
 DEFAULT_MAX_SAMPLES_PER_PROMPT = 16
+# Top-k is what makes an answer large (each entry ~30 bytes of JSON): by default at most 256 per position and
+# 4M entries per request (~120 MB), where k = a 150k vocabulary over 256 x 4096 tokens would be 1.5e11.
+DEFAULT_MAX_TOP_K = 256
+DEFAULT_MAX_TOPK_ENTRIES = 1 << 22
 
 
 def queue_bound(max_queue: int | None, max_sequences: int, max_batch_sequences: int) -> int:
@@ -218,7 +224,8 @@ class _Metrics:
         self.engine_seconds.observe(seconds)
 
 
-def _check_request(req: ScoreRequest, info: TeacherInfo, max_sequences: int, max_tokens: int) -> None:
+def _check_request(req: ScoreRequest, info: TeacherInfo, max_sequences: int, max_tokens: int,
+                   max_topk_entries: int = DEFAULT_MAX_TOPK_ENTRIES) -> None:
     """Raise HTTPException (413/422) naming the limit and the value received."""
     n = len(req.sequences)
     if n > max_sequences:
@@ -228,9 +235,17 @@ def _check_request(req: ScoreRequest, info: TeacherInfo, max_sequences: int, max
             "per request (split the batch)",
         )
     try:
-        check_top_k(req.top_k, info.max_top_k)
+        check_top_k(req.top_k, info.max_top_k, f"this server (--max-top-k {info.max_top_k})")
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
+    entries = req.top_k * sum(len(seq.completion_ids) for seq in req.sequences)
+    if entries > max_topk_entries:
+        raise HTTPException(
+            413,
+            f"top_k={req.top_k} over {entries // max(req.top_k, 1)} completion tokens is {entries} top-k entries, "
+            f"above this server's budget of {max_topk_entries} per request (--max-topk-entries): send fewer "
+            "sequences per request or a smaller top_k",
+        )
     for i, seq in enumerate(req.sequences):
         length = len(seq.prompt_ids) + len(seq.completion_ids)
         if length > max_tokens:
@@ -306,25 +321,36 @@ def create_app(
     max_body_bytes: int | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_samples_per_prompt: int = DEFAULT_MAX_SAMPLES_PER_PROMPT,
+    max_top_k: int = DEFAULT_MAX_TOP_K,
+    max_topk_entries: int = DEFAULT_MAX_TOPK_ENTRIES,
 ) -> FastAPI:
     """The scoring and generation app over `teacher`; `model_name` is what `/v1/info` and responses report.
 
     `max_queue` (sequences waiting for the engine) and `max_body_bytes` default as `queue_bound`
-    and `body_limit` say; `max_new_tokens` and `max_samples_per_prompt` bound `/v1/generate`.
+    and `body_limit` say; `max_new_tokens` and `max_samples_per_prompt` bound `/v1/generate`;
+    `max_top_k` (at most the engine's own) and `max_topk_entries` (top_k x completion tokens) bound a
+    score request's top-k.
     """
-    if max_new_tokens < 1 or max_samples_per_prompt < 1:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and max_samples_per_prompt "
-                         f"({max_samples_per_prompt}) must be >= 1")
-    info = teacher.info().model_copy(update={"model": model_name})
+    if min(max_new_tokens, max_samples_per_prompt, max_top_k, max_topk_entries) < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}), max_samples_per_prompt ({max_samples_per_prompt}), "
+                         f"max_top_k ({max_top_k}) and max_topk_entries ({max_topk_entries}) must be >= 1")
+    info = teacher.info()
+    info = info.model_copy(update={"model": model_name, "max_top_k": min(info.max_top_k, max_top_k)})
     metrics = _Metrics()
+
+    def on_batch(n_sequences: int, n_tokens: int, seconds: float) -> None:
+        metrics.on_batch(n_sequences, n_tokens, seconds)
+        health.note_ok()
+
     batcher = ScoreBatcher(
         teacher,
         max_batch_sequences=max_batch_sequences,
         batch_wait_ms=batch_wait_ms,
         max_queue=queue_bound(max_queue, max_sequences, max_batch_sequences),
-        on_batch=metrics.on_batch,
+        on_batch=on_batch,
         on_dropped=metrics.dropped.inc,
     )
+    health = EngineHealth(batcher, token_id=info.bos_token_id if info.bos_token_id is not None else 0)
     metrics.queued.set_function(lambda: batcher.queued_sequences)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
@@ -375,8 +401,11 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> dict:
-        """Ready to score: the server listens only once its engine has loaded (`serve` loads it first)."""
+    async def readyz() -> Any:
+        """Ready to score: the engine answered recently, or a one-token probe now (503 with the reason if not)."""
+        problem = await health.check()
+        if problem is not None:
+            return JSONResponse({"ready": False, "reason": problem}, status_code=503)
         return {"ready": True, "model": info.model}
 
     @app.get("/v1/info", response_model=TeacherInfo)
@@ -385,7 +414,7 @@ def create_app(
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=SCORE_ERRORS)
     async def score(req: ScoreRequest, request: Request) -> Any:
-        _check_request(req, info, max_sequences, max_tokens_per_sequence)
+        _check_request(req, info, max_sequences, max_tokens_per_sequence, max_topk_entries)
         try:
             scores = await _unless_disconnected(batcher.score(req.sequences, req.top_k), request.receive)
         except QueueFull as full:

@@ -33,14 +33,17 @@ def build_teacher_app(
     max_model_len: int | None = None,
     max_new_tokens: int | None = None,
     max_samples_per_prompt: int | None = None,
+    max_top_k: int | None = None,
+    max_topk_entries: int | None = None,
 ) -> FastAPI:
     """Load `model` with `backend` (`vllm` or `hf`) and wrap it in `create_app`.
 
     `max_tokens_per_sequence` is capped at the model's `max_model_len`, so a too-long sequence
     gets a 413 instead of an engine error. `max_new_tokens` and `max_samples_per_prompt` bound
-    `/v1/generate` (None: `create_app`'s defaults).
+    `/v1/generate`, `max_top_k` and `max_topk_entries` a score request's top-k (None: `create_app`'s
+    defaults).
     """
-    from onpolicy.config import ResourcesConfig, TeacherConfig
+    from onpolicy.config import LocalTeacherConfig, ResourcesConfig
     from onpolicy.teacher.factory import open_teacher
     from services.teacher.app import create_app, queue_bound
 
@@ -55,13 +58,15 @@ def build_teacher_app(
         for key, value in env.items():
             os.environ.setdefault(key, value)
     teacher = open_teacher(
-        TeacherConfig(kind="local", model=model, backend=backend, dtype=dtype),
+        LocalTeacherConfig(model=model, backend=backend, dtype=dtype),
         resources=ResourcesConfig(vllm_kv_cache_gib=kv_cache_gib),
         in_process=True,
         max_model_len=max_model_len,
     )
     generate_limits = {k: v for k, v in (("max_new_tokens", max_new_tokens),
-                                         ("max_samples_per_prompt", max_samples_per_prompt)) if v is not None}
+                                         ("max_samples_per_prompt", max_samples_per_prompt),
+                                         ("max_top_k", max_top_k), ("max_topk_entries", max_topk_entries))
+                       if v is not None}
     engine_max = teacher.info().max_model_len
     if engine_max is not None and engine_max < max_tokens_per_sequence:
         log.info("max_tokens_per_sequence %d capped at the model's max_model_len %d", max_tokens_per_sequence,
