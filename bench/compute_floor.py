@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 
-def token_logprobs(model, ids_BL, mask_BL, pos_BL, n_prompt: int):
+def token_logprobs(model, ids_BT, mask_BT, pos_BT, n_prompt: int):
     """log p(y_t) of each completion token y_t = ids[:, n_prompt + t] under `model`, shape (B, C)."""
     import torch
 
-    logits = model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL).logits
+    logits = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT).logits
     logp_BCV = torch.log_softmax(logits[:, n_prompt - 1 : -1].float(), dim=-1)
-    return logp_BCV.gather(-1, ids_BL[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
+    return logp_BCV.gather(-1, ids_BT[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
 
 
 def main() -> None:

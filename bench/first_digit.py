@@ -31,8 +31,8 @@ def main() -> None:
     from loss_curves import answer_batch, answer_positions  # bench/ is on sys.path when run as a script
 
     from onpolicy.config import load_config
-    from onpolicy.data import PromptSource
     from onpolicy.kit.train import load_model, make_batch
+    from onpolicy.prompts import PromptSource
     from onpolicy.toy.build import build_toy_models
     from onpolicy.toy.models import STUDENT, encode, shared_tokenizer
 

@@ -41,10 +41,10 @@ def answer_positions(model, batch) -> dict:
     (mean p(right token), argmax accuracy); `eos` for the end token; `ent` = mean entropy (nats)."""
     import torch
 
-    ids_BL, attn_BL, mask_BT, eos = batch
+    ids_BT, attn_BT, mask_BT, eos = batch
     with torch.no_grad():
-        logp_BTV = torch.log_softmax(model(input_ids=ids_BL, attention_mask=attn_BL).logits.float(), -1)[:, :-1]
-    target_BT, mask_BT = ids_BL[:, 1:], mask_BT.bool()
+        logp_BTV = torch.log_softmax(model(input_ids=ids_BT, attention_mask=attn_BT).logits.float(), -1)[:, :-1]
+    target_BT, mask_BT = ids_BT[:, 1:], mask_BT.bool()
     p_right_BT = logp_BTV.gather(-1, target_BT.unsqueeze(-1)).squeeze(-1).exp()
     right_BT = logp_BTV.argmax(-1) == target_BT
     index_BT = mask_BT.long().cumsum(1)  # 1 = first answer token
@@ -61,9 +61,9 @@ def main() -> None:
     import torch
 
     from onpolicy.config import load_config
-    from onpolicy.data import PromptSource, encode_prompts
     from onpolicy.learner.core import Learner
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.prompts import PromptSource, encode_prompts
+    from onpolicy.teacher.local.engines import HFTeacher
     from onpolicy.toy.build import build_toy_models
     from onpolicy.toy.models import greedy_accuracy
     from onpolicy.types import Rollout, ScoreRequestItem

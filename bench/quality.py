@@ -87,7 +87,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from onpolicy.config import load_config
-    from onpolicy.data import PromptSource
+    from onpolicy.prompts import PromptSource
     from onpolicy.toy.build import build_toy_models
     from onpolicy.toy.models import greedy_accuracy
 

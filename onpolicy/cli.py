@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from onpolicy.bench import run_bench
+    from onpolicy.stage_bench import run_bench
 
     run_bench(config=args.config, overrides=args.overrides, steps=args.steps, toy_dir=args.toy_dir)
     return 0

@@ -14,8 +14,8 @@ from onpolicy.report import build_report, format_table, plot_eval, write_report
 
 
 def run_demo(out: str, toy_dir: str, config: str | None, overrides: list[str]) -> dict:
-    from onpolicy.data import PromptSource
     from onpolicy.driver import train
+    from onpolicy.prompts import PromptSource
     from onpolicy.toy.build import build_toy_models
     from onpolicy.toy.models import greedy_accuracy
 

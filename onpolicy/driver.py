@@ -25,7 +25,7 @@ from typing import Any
 from onpolicy.config import RunConfig, dump_config
 from onpolicy.heldout import eval_seed, evaluate
 from onpolicy.learner.checkpoint import rotate
-from onpolicy.metrics import MetricsLog, read_metrics
+from onpolicy.metrics import MetricsLog, first_record
 from onpolicy.recovery import DRIVER_STATE, FaultCounts, check_resumable, require_restored, restore_checkpoint
 from onpolicy.restarts import Restarts
 from onpolicy.rollout.pool import check_push
@@ -107,16 +107,6 @@ class Run:
         return self.stack.workers
 
     @property
-    def collective(self) -> bool:
-        """Whether pushes go by broadcast now."""
-        return self.sync.collective
-
-    @property
-    def push_by(self) -> str:
-        """How the last push was sent: `collective` or `object_store`."""
-        return self.pushed.by
-
-    @property
     def prompts_trained(self) -> int:
         """Prompts drawn for steps already trained (the ones sampled ahead are drawn again after a resume)."""
         return self.source.drawn - sum(p.prompts for p in self.pending)
@@ -191,7 +181,7 @@ class Run:
         busy = {"rollout": done.engine_seconds, "score": done.score_seconds,
                 "learn": metrics.get("learn_seconds", waits["learn"]), "push": waits["push"]}
         metrics = step_record(metrics, rollouts, lags, waits=waits, busy=busy, wall=time.perf_counter() - t_step,
-                              policy_version=self.step, weight_push=self.push_by,
+                              policy_version=self.step, weight_push=self.pushed.by,
                               teacher_tokens_processed=self.sampler.teacher_tokens,
                               skipped_long_prompts=self.source.skipped_long,
                               **{f"teacher_{key}": v for key, v in self.teacher.usage().items()},
@@ -233,7 +223,7 @@ class Run:
         cfg = self.cfg
         self.set_status(RunStatus.RUNNING)
         t = time.perf_counter()  # a resumed run keeps its first evaluation (its "before"); a fresh one makes it
-        first_eval = (self._first_eval() if self.resumed else None) or self.evaluate()
+        first_eval = (first_record(self.out / "metrics.jsonl", "eval") if self.resumed else None) or self.evaluate()
         self.startup["first_eval_seconds"] = time.perf_counter() - t
         self.log.write("startup", self.step, self.startup)
         distill_seconds, eval_seconds, last_eval, stopped = 0.0, 0.0, first_eval, False
@@ -265,13 +255,6 @@ class Run:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.set_status(stopped_status() if stopped else RunStatus.FINISHED)
         return summary
-
-    def _first_eval(self) -> dict[str, Any] | None:
-        """The run's first evaluation, if metrics.jsonl has one (a resumed run)."""
-        evals = read_metrics(self.out / "metrics.jsonl", kind="eval")
-        if not evals:
-            return None
-        return {k: v for k, v in evals[0].items() if k not in ("kind", "step", "time")}
 
     def close(self) -> None:
         """Stop this run's actors and close the log (safe to call twice)."""

@@ -206,9 +206,9 @@ def compare_students(cfg, full_dir: str | Path, exported_dir: str | Path) -> dic
     """
     import ray
 
-    from onpolicy.data import encode_prompts
     from onpolicy.heldout import eval_seed, evaluate, mean_reverse_kl
     from onpolicy.model_dir import require_model_dir
+    from onpolicy.prompts import encode_prompts
     from onpolicy.rollout.pool import generate_on
     from onpolicy.rollout.worker import make_rollout_workers
     from onpolicy.stack import check, open_stack

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from onpolicy.data import encode_prompts, exact_match
+from onpolicy.prompts import encode_prompts, exact_match
 from onpolicy.protocols import Teacher
 from onpolicy.rollout.pool import generate_on
-from onpolicy.types import Example, Rollout, ScoreRequestItem
+from onpolicy.teacher.scoring import score_rollouts
+from onpolicy.types import Example, Rollout
 
 # Held-out sampling uses its own seed, apart from the training stream's: the run seed plus this.
 EVAL_SEED_OFFSET = 12345
@@ -24,11 +25,6 @@ EVAL_SEED_OFFSET = 12345
 
 def eval_seed(run_seed: int) -> int:
     return run_seed + EVAL_SEED_OFFSET
-
-
-def score_rollouts(teacher: Teacher, rollouts: list[Rollout], top_k: int = 0):
-    items = [ScoreRequestItem(prompt_ids=r.prompt_ids, completion_ids=r.completion_ids) for r in rollouts]
-    return teacher.score(items, top_k=top_k)
 
 
 

@@ -151,3 +151,11 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
         if rec is not None and (kind is None or rec.get("kind") == kind):
             out.append(rec)
     return out
+
+
+def first_record(path: str | Path, kind: str) -> dict[str, Any] | None:
+    """The values of the first record of `kind` (without kind, step, time), or None: a resumed run's "before"."""
+    records = read_metrics(path, kind=kind)
+    if not records:
+        return None
+    return {k: v for k, v in records[0].items() if k not in ("kind", "step", "time")}

@@ -15,10 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from onpolicy.data import encode_prompts
-from onpolicy.heldout import score_rollouts
 from onpolicy.learner.objectives import get_objective, student_samples
+from onpolicy.prompts import encode_prompts
 from onpolicy.rollout.pool import Launched, gather, launch_generate
+from onpolicy.teacher.scoring import score_rollouts
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from onpolicy.chat import compare_chat_templates, load_student_tokenizer, stop_token_ids
-from onpolicy.data import PromptSource
 from onpolicy.engines.vllm import check_tensor_parallel
 from onpolicy.model_dir import model_max_len, require_model_dir
+from onpolicy.prompts import PromptSource
 
 if TYPE_CHECKING:
     from onpolicy.config import RunConfig

@@ -19,7 +19,7 @@ class Example:
     """One prompt of a data set, with the completion text exact match expects (no EOS; may be empty).
 
     A chat example carries its conversation in `messages` ((role, content) pairs, ending before the
-    assistant's turn); it is rendered with the student's chat template (`onpolicy.data.encode_prompts`)
+    assistant's turn); it is rendered with the student's chat template (`onpolicy.prompts.encode_prompts`)
     and `prompt` is then its last user turn, for messages only. `answer` None: nothing to check."""
 
     prompt: str

@@ -8,7 +8,7 @@ import pytest
 from onpolicy.config import load_config
 from onpolicy.driver import Run
 from onpolicy.metrics import read_metrics
-from tests.test_data_sources import chat_tokenizer, conversation, write_parquet
+from tests.test_dataset_rows import chat_tokenizer, conversation, write_parquet
 from tests.tolerances import FP32_KERNELS
 
 pytestmark = pytest.mark.slow

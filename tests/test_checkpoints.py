@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from onpolicy.config import AdditionDataConfig, EvalConfig
-from onpolicy.data import PromptSource
 from onpolicy.learner.checkpoint import MARKER, damage, rotate, step_dirs
 from onpolicy.learner.core import Learner
 from onpolicy.metrics import MetricsLog, read_metrics
+from onpolicy.prompts import PromptSource
 from onpolicy.recovery import DRIVER_STATE, NoCheckpoint, require_restored, restore_checkpoint
 from tests.test_learner import fixed_rollouts, make_cfg, teacher_scores, tiny_model  # noqa: F401 (fixture)
 

@@ -136,8 +136,8 @@ def test_each_loss_carries_its_lr_topk_need_and_sampler_into_the_run_and_the_reg
 
 def test_cli_and_control_api_kind_lists_are_the_configs(monkeypatch):
     from onpolicy.cli import build_parser
+    from onpolicy.teacher.clients.remote import RemoteTeacher
     from onpolicy.teacher.factory import REMOTE_KINDS
-    from onpolicy.teacher.remote import RemoteTeacher
     from services.control.schemas import AttachTeacher
 
     assert list(TEACHER_KINDS.members) == ["local", *REMOTE_DIALECTS] and list(REMOTE_KINDS) == list(REMOTE_DIALECTS)
@@ -186,7 +186,7 @@ def test_a_new_dialect_and_a_new_loss_are_one_file_and_one_registration_each(tmp
     _copy_package(tmp_path)
     pkg = tmp_path / "onpolicy"
     (pkg / "teacher/echo.py").write_text(textwrap.dedent('''
-        from onpolicy.teacher.service import ServiceTeacher
+        from onpolicy.teacher.clients.service import ServiceTeacher
 
         class EchoTeacher(ServiceTeacher):
             """Our service's protocol under another name."""

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from onpolicy.config import RunConfig, config_from_dict
-from onpolicy.runner import RunActor, actor_name, final_status, required_cpus, run_id_of
+from onpolicy.run_actor import RunActor, actor_name, final_status, required_cpus, run_id_of
 from onpolicy.status import write_status
 from services.control.app import create_app
 from services.control.auth import token_ok

@@ -120,8 +120,8 @@ def test_nonfinite_local_teacher_scores_are_refused_naming_sequence_and_token(ra
     from safetensors.torch import load_file, save_file
 
     from onpolicy.config import load_config
+    from onpolicy.teacher.errors import TeacherResponseError
     from onpolicy.teacher.factory import open_teacher
-    from onpolicy.teacher.http import TeacherResponseError
 
     teacher_dir = tmp_path / "nan_teacher"
     shutil.copytree(tiny_teacher_dir, teacher_dir)

@@ -104,7 +104,7 @@ def _wait(cond, timeout, what):
 def test_eval_honours_teacher_kind_service(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path):
     """`onpolicy eval` scores through the configured teacher (here our service), not a local engine."""
     from onpolicy.eval_student import eval_student
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.teacher.local.engines import HFTeacher
     from services.teacher.app import create_app
 
     counting = CountingTeacher(HFTeacher(str(tiny_teacher_dir)))

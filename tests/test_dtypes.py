@@ -76,7 +76,7 @@ def test_bf16_lora_keeps_a_bf16_base_and_trains_an_fp32_adapter(tiny_model_dir):
 
 
 def test_hf_teacher_scores_in_bf16(tiny_teacher_dir):
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.teacher.local.engines import HFTeacher
 
     fp32 = HFTeacher(tiny_teacher_dir, dtype="float32").score(ITEMS, top_k=4)
     bf16 = HFTeacher(tiny_teacher_dir, dtype="bfloat16").score(ITEMS, top_k=4)

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from onpolicy.config import load_config
-from onpolicy.data import PromptSource
+from onpolicy.prompts import PromptSource
 
 INVISIBLE = "\u200b\u200b"  # zero-width spaces: not whitespace to Python, dropped by the normaliser
 

@@ -14,10 +14,10 @@ from fakes.server import ServerThread
 
 from onpolicy.chat import CHATML_TEMPLATE
 from onpolicy.config import load_config
-from onpolicy.data import encode_prompts
+from onpolicy.prompts import encode_prompts
 from onpolicy.teacher.fingerprint import describe_model
 from tests.test_chat_data_run import build_chat_model
-from tests.test_data_sources import chat_tokenizer, conversation, write_parquet
+from tests.test_dataset_rows import chat_tokenizer, conversation, write_parquet
 
 pytestmark = pytest.mark.slow
 

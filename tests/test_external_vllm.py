@@ -10,9 +10,9 @@ from fakes.server import ServerThread
 from fakes.vllm import make_stripping_proxy_app
 
 from onpolicy.teacher.check import check_teacher
+from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher, probe_fingerprint
+from onpolicy.teacher.errors import TeacherRequestError
 from onpolicy.teacher.fingerprint import TeacherIncompatible, assert_compatible, load_tokenizer
-from onpolicy.teacher.http import TeacherRequestError
-from onpolicy.teacher.vllm_server import VLLMServerTeacher, probe_fingerprint
 from onpolicy.types import ScoreRequestItem
 
 pytestmark = pytest.mark.slow

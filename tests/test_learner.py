@@ -19,29 +19,14 @@ V = 16
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The kit's tiny Llama at its default init, with the toy tokenizer (V tokens)."""
+    from onpolicy.kit.build import save_random_model
+    from onpolicy.kit.spec import TINY_LLAMA
+    from onpolicy.toy.tokenizer import build_tokenizer
 
-    from onpolicy.toy.tokenizer import save_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    save_tokenizer(path)
-    return str(path)
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) == V
+    return str(save_random_model(tmp_path_factory.mktemp("tiny_llama"), TINY_LLAMA, tokenizer, seed=1234))
 
 
 def make_cfg(**optim) -> RunConfig:
@@ -101,25 +86,25 @@ def test_batch_alignment_by_hand():
         [TeacherScores(logprobs=[-0.25, -0.75]), TeacherScores(logprobs=[-4.0, -5.0, -6.0])],
         pad_id=0,
     )
-    assert batch.input_ids_BL.tolist() == [[1, 5, 6, 7, 8], [1, 9, 10, 2, 0]]
-    assert batch.target_ids_BL.tolist() == [[5, 6, 7, 8, 0], [9, 10, 2, 0, 0]]
-    assert batch.mask_BL.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
-    assert batch.sampler_logprobs_BL.tolist() == [[0, 0, -0.5, -1.5, 0], [-1.0, -2.0, -3.0, 0, 0]]
-    assert batch.teacher_logprobs_BL.tolist() == [[0, 0, -0.25, -0.75, 0], [-4.0, -5.0, -6.0, 0, 0]]
-    assert batch.attention_mask_BL.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.input_ids_BT.tolist() == [[1, 5, 6, 7, 8], [1, 9, 10, 2, 0]]
+    assert batch.target_ids_BT.tolist() == [[5, 6, 7, 8, 0], [9, 10, 2, 0, 0]]
+    assert batch.mask_BT.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert batch.sampler_logprobs_BT.tolist() == [[0, 0, -0.5, -1.5, 0], [-1.0, -2.0, -3.0, 0, 0]]
+    assert batch.teacher_logprobs_BT.tolist() == [[0, 0, -0.25, -0.75, 0], [-4.0, -5.0, -6.0, 0, 0]]
+    assert batch.attention_mask_BT.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # Masked targets are exactly the completion tokens.
-    assert batch.target_ids_BL[batch.mask_BL.bool()].tolist() == [7, 8, 9, 10, 2]
+    assert batch.target_ids_BT[batch.mask_BT.bool()].tolist() == [7, 8, 9, 10, 2]
     mbs = split_micro_batches(batch, 1)
-    assert [mb.input_ids_BL.shape[1] for mb in mbs] == [5, 4]
+    assert [mb.input_ids_BT.shape[1] for mb in mbs] == [5, 4]
 
 
 def test_batch_topk_padding_and_length_errors():
     r = Rollout(prompt_ids=[1, 5], completion_ids=[7, 8], sampler_logprobs=[-0.5, -1.5], policy_version=0)
     s = TeacherScores(logprobs=[-0.2, -0.3], top_k=[[(7, -0.2), (3, -2.0)], [(8, -0.3)]])
     batch = build_batch([r], [s], pad_id=0, with_topk=True)
-    assert batch.topk_ids_BLK[0, 1].tolist() == [7, 3] and batch.topk_ids_BLK[0, 2].tolist() == [8, 0]
-    assert batch.topk_mask_BLK[0].tolist() == [[False, False], [True, True], [True, False], [False, False]]
-    assert batch.topk_logprobs_BLK[0, 2, 1].item() == float("-inf")
+    assert batch.topk_ids_BTK[0, 1].tolist() == [7, 3] and batch.topk_ids_BTK[0, 2].tolist() == [8, 0]
+    assert batch.topk_mask_BTK[0].tolist() == [[False, False], [True, True], [True, False], [False, False]]
+    assert batch.topk_logprobs_BTK[0, 2, 1].item() == float("-inf")
     with pytest.raises(ValueError, match=r"sequence 1: completion has 2 tokens but the teacher returned 1"):
         build_batch([r, r], [s, TeacherScores(logprobs=[-1.0])], pad_id=0)
     with pytest.raises(ValueError, match="sequence 0.*top-k"):

@@ -78,7 +78,7 @@ def chat_lora(ray_session, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_default_evaluation_and_a_128_prompt_step_run_on_vllm_cpu(chat_lora):
-    from onpolicy.data import encode_prompts
+    from onpolicy.prompts import encode_prompts
 
     run, summary, out = chat_lora
     assert run.cfg.eval.num_prompts == 256 and len(run.source.heldout) == 256  # the shipped config's size
@@ -100,7 +100,7 @@ def test_a_call_cut_into_parts_samples_what_one_call_does(chat_lora):
     first 16 are those a 16-sample call draws (vLLM seeds sample j with seed + j)."""
     import ray
 
-    from onpolicy.data import encode_prompts
+    from onpolicy.prompts import encode_prompts
 
     run, _, _ = chat_lora
     worker = run.workers[0]

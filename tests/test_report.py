@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from onpolicy.bench import summarise
 from onpolicy.heldout import mean_reverse_kl
 from onpolicy.metrics import MetricsLog, read_metrics
 from onpolicy.report import build_report, format_table, gap_closed, plot_eval
 from onpolicy.rollout.pool import shard
+from onpolicy.stage_bench import summarise
 from onpolicy.step_stats import STAGES, stage_metrics
 from onpolicy.types import Rollout
 

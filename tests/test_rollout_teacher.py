@@ -15,7 +15,7 @@ from onpolicy.config import ModelConfig, RunConfig
 from onpolicy.rollout.pool import push_weights
 from onpolicy.rollout.worker import make_rollout_workers
 from onpolicy.teacher.fingerprint import TeacherIncompatible, check_compatible
-from onpolicy.teacher.local import HFTeacher
+from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.toy import tokenizer as toy_tokenizer
 from onpolicy.types import Rollout, ScoreRequestItem, WeightUpdate
 from tests.tolerances import FP32_KERNELS, assert_nested_close

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
 
 from onpolicy.config import load_config
-from onpolicy.data import PromptSource, read_prompts_file
-from onpolicy.teacher.http import TeacherResponseError
-from onpolicy.teacher.service import ServiceTeacher
+from onpolicy.prompts import PromptSource, read_prompts_file
+from onpolicy.teacher.clients.service import ServiceTeacher
+from onpolicy.teacher.errors import TeacherResponseError
 from onpolicy.toy.tokenizer import build_tokenizer
 from onpolicy.types import ScoreRequestItem
 from services.control.app import create_app

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from onpolicy.config import RemoteTeacherConfig
+from onpolicy.teacher.clients.http import RobustClient
 from onpolicy.teacher.factory import open_teacher
-from onpolicy.teacher.http import RobustClient
 from services.control.app import create_app
 from services.control.launcher import InMemoryLauncher
 from services.control.policy import Policy, PolicyError

@@ -112,7 +112,7 @@ def test_hub_ids_only_where_the_operator_allows_them(api):
 
 def _loader_error(source: Path, **fields) -> str:
     """What the driver records when the data loader refuses the source (driver.train: `Type: message`)."""
-    from onpolicy.data_sources import DatasetSource
+    from onpolicy.dataset_rows import DatasetSource
 
     data = DatasetDataConfig(source=str(source), **fields)
     with pytest.raises(ValueError) as err:

@@ -11,7 +11,7 @@ import argparse
 
 from fastapi.testclient import TestClient
 
-from onpolicy.teacher.service import ServiceTeacher
+from onpolicy.teacher.clients.service import ServiceTeacher
 from services.teacher.__main__ import add_serve_arguments
 from services.teacher.app import create_app
 from services.teacher.serve import build_teacher_app

@@ -25,11 +25,11 @@ from fakes.sglang import make_fake_sglang_app
 from fastapi.testclient import TestClient
 
 from onpolicy.protocols import Teacher
-from onpolicy.teacher.http import TeacherRequestError, TeacherResponseError
-from onpolicy.teacher.local import HFTeacher
-from onpolicy.teacher.service import ServiceTeacher
-from onpolicy.teacher.sglang import SGLangTeacher
-from onpolicy.teacher.vllm_server import VLLMServerTeacher
+from onpolicy.teacher.clients.service import ServiceTeacher
+from onpolicy.teacher.clients.sglang import SGLangTeacher
+from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher
+from onpolicy.teacher.errors import TeacherRequestError, TeacherResponseError
+from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.types import GeneratedCompletion, GenerateResponse, ScoreRequestItem
 from services.teacher import create_app
 from tests.tolerances import FP32_BATCH, FP32_KERNELS, assert_close
@@ -139,7 +139,7 @@ def vllm_local(vllm_local_teacher):
 def test_vllm_local_teacher_in_its_actor_generates_what_it_scores(vllm_local, hf):
     import ray
 
-    from onpolicy.teacher.actor import ActorTeacher
+    from onpolicy.teacher.local.actor import ActorTeacher
 
     assert isinstance(vllm_local, ActorTeacher) and isinstance(vllm_local, Teacher)
     engine = ray.get(vllm_local.handle.__ray_call__.remote(lambda actor: type(actor.teacher).__name__))

@@ -12,20 +12,18 @@ from fakes.server import ServerThread, free_port
 
 from onpolicy.config import RemoteTeacherConfig
 from onpolicy.protocols import Teacher
-from onpolicy.teacher.factory import open_teacher
-from onpolicy.teacher.http import (
+from onpolicy.teacher.clients.http import (
     CircuitBreaker,
-    TeacherRequestError,
-    TeacherResponseError,
-    TeacherUnavailable,
     TeacherUsage,
     backoff_delay,
     parse_retry_after,
     percentile,
 )
-from onpolicy.teacher.service import ServiceTeacher
-from onpolicy.teacher.sglang import SGLangTeacher
-from onpolicy.teacher.vllm_server import VLLMServerTeacher
+from onpolicy.teacher.clients.service import ServiceTeacher
+from onpolicy.teacher.clients.sglang import SGLangTeacher
+from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher
+from onpolicy.teacher.errors import TeacherRequestError, TeacherResponseError, TeacherUnavailable
+from onpolicy.teacher.factory import open_teacher
 from onpolicy.types import ScoreRequestItem
 from tests.tolerances import FP32_BATCH, assert_scores_close
 
@@ -342,7 +340,7 @@ def test_breaker_open_too_long_raises_unavailable():
 def test_sglang_adapter_matches_hf_teacher(tiny_teacher_dir):
     from fakes.sglang import make_fake_sglang_app
 
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.teacher.local.engines import HFTeacher
 
     hf = HFTeacher(tiny_teacher_dir)
     batch = [

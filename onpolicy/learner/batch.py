@@ -5,14 +5,14 @@ at position j + 1. A sequence is `prompt_ids + completion_ids` (length P + C), s
 token t (0-based), which sits at position P + t, is PREDICTED at position P + t - 1. Every
 per-token tensor here is indexed by the predicting position:
 
-    input_ids_BL[b, j]   token at position j (right-padded with pad_id)
-    target_ids_BL[b, j]  token at position j + 1, i.e. what logits[b, j] predict (pad_id past the end)
-    mask_BL[b, j]        1.0 iff target_ids_BL[b, j] is a completion token (j = P-1 .. P+C-2)
-    sampler/teacher_logprobs_BL[b, P-1+t] = log-prob of completion token t (0 elsewhere)
-    topk_*_BLK[b, P-1+t, :] = the teacher's top-k at completion token t
+    input_ids_BT[b, j]   token at position j (right-padded with pad_id)
+    target_ids_BT[b, j]  token at position j + 1, i.e. what logits[b, j] predict (pad_id past the end)
+    mask_BT[b, j]        1.0 iff target_ids_BT[b, j] is a completion token (j = P-1 .. P+C-2)
+    sampler/teacher_logprobs_BT[b, P-1+t] = log-prob of completion token t (0 elsewhere)
+    topk_*_BTK[b, P-1+t, :] = the teacher's top-k at completion token t
 
-So `log_softmax(logits_BLV).gather(-1, target_ids_BL[..., None])` lines up with the log-prob
-tensors and `mask_BL` selects exactly the completion tokens.
+So `log_softmax(logits_BTV).gather(-1, target_ids_BT[..., None])` lines up with the log-prob
+tensors and `mask_BT` selects exactly the completion tokens.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from onpolicy.types import Rollout, TeacherScores
 class PackedSequences:
     """Prompt + completion sequences, right-padded, with the prediction-aligned mask."""
 
-    input_ids_BL: torch.Tensor  # long
-    attention_mask_BL: torch.Tensor  # long, 1 on real tokens
-    target_ids_BL: torch.Tensor  # long, the token each position predicts
-    mask_BL: torch.Tensor  # float, 1 where the target is a completion token
+    input_ids_BT: torch.Tensor  # long
+    attention_mask_BT: torch.Tensor  # long, 1 on real tokens
+    target_ids_BT: torch.Tensor  # long, the token each position predicts
+    mask_BT: torch.Tensor  # float, 1 where the target is a completion token
     prompt_lens: list[int]
     completion_lens: list[int]
 
@@ -40,34 +40,34 @@ class PackedSequences:
 class LearnBatch:
     """Everything one training step needs, aligned to predicting positions (see module doc)."""
 
-    input_ids_BL: torch.Tensor
-    attention_mask_BL: torch.Tensor
-    target_ids_BL: torch.Tensor
-    mask_BL: torch.Tensor
-    sampler_logprobs_BL: torch.Tensor
-    teacher_logprobs_BL: torch.Tensor
-    advantages_BL: torch.Tensor | None = None  # sampled reverse KL: A_t of the whole batch (baseline applied)
-    topk_ids_BLK: torch.Tensor | None = None  # pad slots: id 0
-    topk_logprobs_BLK: torch.Tensor | None = None  # pad slots: -inf
-    topk_mask_BLK: torch.Tensor | None = None  # bool, True on real slots
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    target_ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    sampler_logprobs_BT: torch.Tensor
+    teacher_logprobs_BT: torch.Tensor
+    advantages_BT: torch.Tensor | None = None  # sampled reverse KL: A_t of the whole batch (baseline applied)
+    topk_ids_BTK: torch.Tensor | None = None  # pad slots: id 0
+    topk_logprobs_BTK: torch.Tensor | None = None  # pad slots: -inf
+    topk_mask_BTK: torch.Tensor | None = None  # bool, True on real slots
 
     @property
     def num_sequences(self) -> int:
-        return self.input_ids_BL.shape[0]
+        return self.input_ids_BT.shape[0]
 
     @property
     def num_tokens(self) -> int:
         """Completion tokens in the batch (the token-mean denominator)."""
-        return int(self.mask_BL.sum().item())
+        return int(self.mask_BT.sum().item())
 
     @property
     def num_nonempty_sequences(self) -> int:
         """Sequences with at least one completion token (the sequence-mean denominator)."""
-        return int((self.mask_BL.sum(dim=1) > 0).sum().item())
+        return int((self.mask_BT.sum(dim=1) > 0).sum().item())
 
     def select(self, start: int, end: int) -> LearnBatch:
         """Rows [start, end), with trailing all-padding columns trimmed."""
-        length = max(int(self.attention_mask_BL[start:end].sum(dim=1).max().item()), 1)
+        length = max(int(self.attention_mask_BT[start:end].sum(dim=1).max().item()), 1)
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -93,11 +93,11 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
         if len(p) == 0:
             raise ValueError(f"sequence {i}: empty prompt (at least one token is needed to predict from)")
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    B, L = len(prompts), max(lengths)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, L), dtype=torch.long)
-    targets = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.float32)
+    B, T = len(prompts), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
     for b, (p, c) in enumerate(zip(prompts, completions)):
         seq = torch.tensor(list(p) + list(c), dtype=torch.long)
         n = len(seq)
@@ -141,23 +141,23 @@ def build_batch(
     if mask_truncated:
         for b, r in enumerate(rollouts):
             if r.finish_reason == "length":
-                packed.mask_BL[b] = 0.0
-    B, L = packed.input_ids_BL.shape
-    sampler = torch.zeros((B, L), dtype=torch.float32)
-    teacher = torch.zeros((B, L), dtype=torch.float32)
+                packed.mask_BT[b] = 0.0
+    B, T = packed.input_ids_BT.shape
+    sampler = torch.zeros((B, T), dtype=torch.float32)
+    teacher = torch.zeros((B, T), dtype=torch.float32)
     for b, (r, s) in enumerate(zip(rollouts, scores)):
         start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
         sampler[b, start : start + n] = torch.tensor(r.sampler_logprobs, dtype=torch.float32)
         teacher[b, start : start + n] = torch.tensor(s.logprobs, dtype=torch.float32)
     batch = LearnBatch(
-        packed.input_ids_BL, packed.attention_mask_BL, packed.target_ids_BL, packed.mask_BL, sampler, teacher
+        packed.input_ids_BT, packed.attention_mask_BT, packed.target_ids_BT, packed.mask_BT, sampler, teacher
     )
     if with_topk:
         K = max((len(row) for s in scores for row in s.top_k), default=0)
         K = max(K, 1)
-        ids = torch.zeros((B, L, K), dtype=torch.long)
-        lps = torch.full((B, L, K), float("-inf"), dtype=torch.float32)
-        valid = torch.zeros((B, L, K), dtype=torch.bool)
+        ids = torch.zeros((B, T, K), dtype=torch.long)
+        lps = torch.full((B, T, K), float("-inf"), dtype=torch.float32)
+        valid = torch.zeros((B, T, K), dtype=torch.bool)
         for b, (r, s) in enumerate(zip(rollouts, scores)):
             start = len(r.prompt_ids) - 1
             widths = {len(row) for row in s.top_k}
@@ -173,7 +173,7 @@ def build_batch(
                     ids[b, start + t, j] = tok
                     lps[b, start + t, j] = lp
                     valid[b, start + t, j] = True
-        batch.topk_ids_BLK, batch.topk_logprobs_BLK, batch.topk_mask_BLK = ids, lps, valid
+        batch.topk_ids_BTK, batch.topk_logprobs_BTK, batch.topk_mask_BTK = ids, lps, valid
     return batch
 
 

@@ -103,10 +103,10 @@ class Learner:
 
     # ----- training -----------------------------------------------------------------------------
 
-    def _forward_logits(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
+    def _forward_logits(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the forward itself under autocast when the student is bf16/fp16)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False)
+            out = self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
         return out.logits.float()
 
     def _set_lora_dropout(self, on: bool) -> None:
@@ -119,12 +119,12 @@ class Learner:
     def _micro_batch_loss(self, mb: LearnBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch divided by the WHOLE batch's normaliser, and the learner's
         log-probs of the sampled tokens (detached, for metrics)."""
-        logits_BLV = self._forward_logits(mb.input_ids_BL, mb.attention_mask_BL)
-        logprobs_BL = (
-            torch.log_softmax(logits_BLV, dim=-1).gather(-1, mb.target_ids_BL.unsqueeze(-1)).squeeze(-1)
+        logits_BTV = self._forward_logits(mb.input_ids_BT, mb.attention_mask_BT)
+        logprobs_BT = (
+            torch.log_softmax(logits_BTV, dim=-1).gather(-1, mb.target_ids_BT.unsqueeze(-1)).squeeze(-1)
         )
-        loss, _ = self.objective.fn(LossInputs(mb, logits_BLV, logprobs_BL), self.cfg.loss, normalizer)
-        return loss, logprobs_BL.detach()
+        loss, _ = self.objective.fn(LossInputs(mb, logits_BTV, logprobs_BT), self.cfg.loss, normalizer)
+        return loss, logprobs_BT.detach()
 
     def compute_gradients(self, rollouts: list[Rollout], scores: list[TeacherScores]) -> dict[str, float]:
         """Zero the gradients and accumulate the whole batch's loss gradient over micro-batches.
@@ -136,39 +136,39 @@ class Learner:
                             mask_truncated=self.cfg.loss.mask_truncated)
         lc = self.cfg.loss
         if isinstance(lc, ReverseKLLossConfig):  # A_t with its baseline over the whole batch, not per micro-batch
-            batch.advantages_BL = token_advantages(batch.sampler_logprobs_BL, batch.teacher_logprobs_BL,
-                                                   batch.mask_BL, kl_coef=lc.kl_coef, gamma=lc.gamma,
+            batch.advantages_BT = token_advantages(batch.sampler_logprobs_BT, batch.teacher_logprobs_BT,
+                                                   batch.mask_BT, kl_coef=lc.kl_coef, gamma=lc.gamma,
                                                    baseline=lc.baseline)
         normalizer = float(
             batch.num_tokens if self.cfg.loss.normalize == "token" else batch.num_nonempty_sequences
         )
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros(())
-        learner_lp_BL = torch.zeros_like(batch.mask_BL)
+        learner_lp_BT = torch.zeros_like(batch.mask_BT)
         mbs = split_micro_batches(batch, self.cfg.optim.micro_batch_size)
         rows = [sum(mb.num_sequences for mb in mbs[:i]) for i in range(len(mbs))]
         mine, empty = dist_lib.my_micro_batches(len(mbs), self.rank, self.world)
         self._set_lora_dropout(True)
         try:
             for i in mine:
-                loss, lp_BL = self._micro_batch_loss(mbs[i].to(self.device), normalizer)
+                loss, lp_BT = self._micro_batch_loss(mbs[i].to(self.device), normalizer)
                 scaled = loss * self.world if self.world > 1 else loss  # FSDP averages the ranks' gradients
                 (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
                 total_loss += loss.detach().cpu()
-                learner_lp_BL[rows[i] : rows[i] + mbs[i].num_sequences, : lp_BL.shape[1]] = lp_BL.cpu()
+                learner_lp_BT[rows[i] : rows[i] + mbs[i].num_sequences, : lp_BT.shape[1]] = lp_BT.cpu()
             for _ in range(empty):  # every rank runs as many forwards as the busiest (FSDP collectives)
                 loss, _ = self._micro_batch_loss(mbs[0].to(self.device), normalizer)
                 (loss * 0.0).backward()
         finally:
             self._set_lora_dropout(False)
         if self.world > 1:
-            dist_lib.sum_across(learner_lp_BL)
+            dist_lib.sum_across(learner_lp_BT)
             dist_lib.sum_across(total_loss)
         # reverse_kl masks ratios over its ratio_max; for the other losses, which mask none, the fraction over
         # the default is a staleness diagnostic
         ratio_max = {"ratio_max": lc.ratio_max} if isinstance(lc, ReverseKLLossConfig) else {}
-        metrics = sampled_kl_metrics(learner_lp_BL, batch.sampler_logprobs_BL, batch.teacher_logprobs_BL,
-                                     batch.mask_BL, **ratio_max)
+        metrics = sampled_kl_metrics(learner_lp_BT, batch.sampler_logprobs_BT, batch.teacher_logprobs_BT,
+                                     batch.mask_BT, **ratio_max)
         metrics["loss"] = float(total_loss)
         metrics["learn_tokens"] = float(batch.num_tokens)
         return metrics
@@ -275,18 +275,18 @@ class Learner:
         packed = pack_sequences(
             [it.prompt_ids for it in items], [it.completion_ids for it in items], self.pad_id
         )
-        logits_BLV = self._forward_logits(
-            packed.input_ids_BL.to(self.device), packed.attention_mask_BL.to(self.device)
+        logits_BTV = self._forward_logits(
+            packed.input_ids_BT.to(self.device), packed.attention_mask_BT.to(self.device)
         )
-        lp_BL = (
-            torch.log_softmax(logits_BLV, dim=-1)
-            .gather(-1, packed.target_ids_BL.to(self.device).unsqueeze(-1))
+        lp_BT = (
+            torch.log_softmax(logits_BTV, dim=-1)
+            .gather(-1, packed.target_ids_BT.to(self.device).unsqueeze(-1))
             .squeeze(-1)
             .cpu()
         )
         out = []
         for b, (p_len, c_len) in enumerate(zip(packed.prompt_lens, packed.completion_lens)):
-            out.append(lp_BL[b, p_len - 1 : p_len - 1 + c_len].tolist())
+            out.append(lp_BT[b, p_len - 1 : p_len - 1 + c_len].tolist())
         return out
 
     # ----- checkpoints --------------------------------------------------------------------------

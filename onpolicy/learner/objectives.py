@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # importing the registry costs nothing: the driver reads it w
 @dataclass(frozen=True)
 class LossInputs:
     batch: LearnBatch  # one micro-batch, on the learner's device
-    logits_BLV: torch.Tensor  # float32 logits of the learner
-    learner_logprobs_BL: torch.Tensor  # log pi(target token), differentiable
+    logits_BTV: torch.Tensor  # float32 logits of the learner
+    learner_logprobs_BT: torch.Tensor  # log pi(target token), differentiable
 
 
 # (inputs, the loss's config member, normalizer) -> (loss, metrics)
@@ -84,9 +84,9 @@ def _reverse_kl(x: LossInputs, cfg: ReverseKLLossConfig, normalizer: float):
 
     b = x.batch
     return sampled_reverse_kl_loss(
-        x.learner_logprobs_BL, b.sampler_logprobs_BL, b.teacher_logprobs_BL, b.mask_BL,
+        x.learner_logprobs_BT, b.sampler_logprobs_BT, b.teacher_logprobs_BT, b.mask_BT,
         kl_coef=cfg.kl_coef, gamma=cfg.gamma, ratio_max=cfg.ratio_max, normalize=cfg.normalize,
-        normalizer=normalizer, advantages_BT=b.advantages_BL,
+        normalizer=normalizer, advantages_BT=b.advantages_BT,
     )
 
 
@@ -96,7 +96,7 @@ def _topk_reverse_kl(x: LossInputs, cfg: TopKReverseKLLossConfig, normalizer: fl
 
     b = x.batch
     return topk_reverse_kl_loss(
-        x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, topk_mask_BTK=b.topk_mask_BLK,
+        x.logits_BTV, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT, topk_mask_BTK=b.topk_mask_BTK,
         normalize=cfg.normalize, normalizer=normalizer,
     )
 
@@ -108,7 +108,7 @@ def _jsd(x: LossInputs, cfg: JSDLossConfig, normalizer: float):
 
     b = x.batch
     return generalized_jsd_loss(
-        x.logits_BLV, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL, cfg.beta, topk_mask_BTK=b.topk_mask_BLK,
+        x.logits_BTV, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT, cfg.beta, topk_mask_BTK=b.topk_mask_BTK,
         normalize=cfg.normalize, normalizer=normalizer,
     )
 
@@ -117,7 +117,7 @@ def _jsd(x: LossInputs, cfg: JSDLossConfig, normalizer: float):
 def _sft(x: LossInputs, cfg: SFTLossConfig, normalizer: float):
     from onpolicy.learner.losses import sequence_kd_loss
 
-    return sequence_kd_loss(x.learner_logprobs_BL, x.batch.mask_BL, normalize=cfg.normalize, normalizer=normalizer)
+    return sequence_kd_loss(x.learner_logprobs_BT, x.batch.mask_BT, normalize=cfg.normalize, normalizer=normalizer)
 
 
 @register_objective("soft_targets")
@@ -126,8 +126,8 @@ def _soft_targets(x: LossInputs, cfg: SoftTargetsLossConfig, normalizer: float):
 
     b = x.batch
     return soft_target_loss(
-        x.logits_BLV, x.learner_logprobs_BL, b.topk_ids_BLK, b.topk_logprobs_BLK, b.mask_BL,
-        temperature=cfg.temperature, alpha=cfg.alpha, topk_mask_BTK=b.topk_mask_BLK, normalize=cfg.normalize,
+        x.logits_BTV, x.learner_logprobs_BT, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT,
+        temperature=cfg.temperature, alpha=cfg.alpha, topk_mask_BTK=b.topk_mask_BTK, normalize=cfg.normalize,
         normalizer=normalizer,
     )
 

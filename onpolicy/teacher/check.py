@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
+from onpolicy.teacher.clients.remote import RemoteTeacher
+from onpolicy.teacher.errors import TeacherError, TeacherRequestError, TeacherResponseError
 from onpolicy.teacher.factory import REMOTE_KINDS, remote_teacher
 from onpolicy.teacher.fingerprint import PROBE_TEXT, CheckStatus, load_tokenizer
-from onpolicy.teacher.http import TeacherError, TeacherRequestError, TeacherResponseError
-from onpolicy.teacher.remote import RemoteTeacher
 from onpolicy.types import ScoreRequestItem, check_top_k
 
 _MARK = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "skip": "SKIP"}

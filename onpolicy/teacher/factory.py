@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from onpolicy.config import REMOTE_DIALECTS
 from onpolicy.model_dir import model_vocab_size, require_model_dir
 from onpolicy.protocols import Teacher
+from onpolicy.teacher.clients.http import BreakerState
+from onpolicy.teacher.clients.pool import REPLICA_CLIENT, TeacherPool
+from onpolicy.teacher.clients.remote import RemoteTeacher
 from onpolicy.teacher.fingerprint import assert_compatible, check_compatible
-from onpolicy.teacher.http import BreakerState
-from onpolicy.teacher.pool import REPLICA_CLIENT, TeacherPool
-from onpolicy.teacher.remote import RemoteTeacher
 from onpolicy.types import check_top_k
 
 if TYPE_CHECKING:
@@ -115,11 +115,11 @@ def open_teacher(
                 max_model_len=max_model_len,
             )
         if in_process:
-            from onpolicy.teacher.local import build_local_teacher
+            from onpolicy.teacher.local.engines import build_local_teacher
 
             teacher: Teacher = build_local_teacher(model, tc.backend, **kwargs)
         else:
-            from onpolicy.teacher.actor import start_teacher_actor
+            from onpolicy.teacher.local.actor import start_teacher_actor
 
             teacher = start_teacher_actor(model, tc.backend, res, threads, on_fault=on_fault, wait=wait, **kwargs)
             if not wait:

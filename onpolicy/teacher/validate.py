@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from onpolicy.teacher.http import TeacherResponseError
+from onpolicy.teacher.errors import TeacherResponseError
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherScores
 
 # A log-prob a little above 0 is float noise; far above it is a bug (a logit, a probability).

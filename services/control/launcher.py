@@ -76,7 +76,7 @@ class RayLauncher:
     def _ray(self):
         import ray
 
-        from onpolicy.runner import NAMESPACE
+        from onpolicy.run_actor import NAMESPACE
 
         with self._lock:
             if not self._connected:
@@ -95,7 +95,7 @@ class RayLauncher:
         return ray
 
     def submit(self, run_id: str, cfg: RunConfig, resume: bool) -> None:
-        from onpolicy.runner import launch_run_actor
+        from onpolicy.run_actor import launch_run_actor
 
         self._ray()
         self.reap(run_id, force=True)  # a previous driver of this run (stopped/paused) is done
@@ -105,7 +105,7 @@ class RayLauncher:
             raise LaunchError(f"could not start the driver actor: {type(err).__name__}: {err}") from err
 
     def _handle(self, run_id: str):
-        from onpolicy.runner import get_run_actor
+        from onpolicy.run_actor import get_run_actor
 
         self._ray()
         return get_run_actor(run_id)
@@ -129,7 +129,7 @@ class RayLauncher:
             return None
 
     def live_run_ids(self) -> set[str] | None:
-        from onpolicy.runner import NAMESPACE, run_id_of
+        from onpolicy.run_actor import NAMESPACE, run_id_of
 
         try:
             ray = self._ray()

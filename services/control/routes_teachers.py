@@ -9,7 +9,7 @@ import time
 import httpx
 from fastapi import APIRouter, Request
 
-from onpolicy.teacher import pinned
+from onpolicy.teacher.clients import pinned
 from onpolicy.teacher.factory import REMOTE_KINDS
 from services.control.core import ApiError, Control, policy_errors
 from services.control.db import TeacherRecord, new_id

@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from onpolicy.runner import required_cpus
+from onpolicy.run_actor import required_cpus
 from onpolicy.status import TERMINAL, RunStatus, write_status
 from services.control.db import RunRecord, Store
 from services.control.launcher import Launcher, LaunchError

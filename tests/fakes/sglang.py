@@ -28,7 +28,7 @@ from onpolicy.types import ScoreRequestItem, TeacherScores
 
 def make_fake_sglang_app(model_dir: str | Path):
 
-    from onpolicy.teacher.local import HFTeacher
+    from onpolicy.teacher.local.engines import HFTeacher
 
     hf = HFTeacher(model_dir)
     eos = hf.info().eos_token_ids[0]

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from onpolicy.engines.vllm import derive_seed
+from onpolicy.teacher.clients.http import BreakerState, TeacherUsage, backoff_delay
+from onpolicy.teacher.clients.remote import RemoteTeacher
+from onpolicy.teacher.errors import TeacherUnavailable
 from onpolicy.teacher.fingerprint import CheckResult, TeacherIncompatible
-from onpolicy.teacher.http import BreakerState, TeacherUnavailable, TeacherUsage, backoff_delay
-from onpolicy.teacher.remote import RemoteTeacher
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores
 
 log = logging.getLogger(__name__)

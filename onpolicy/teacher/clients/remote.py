@@ -24,9 +24,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from onpolicy.engines.vllm import derive_seed
+from onpolicy.teacher.clients.http import BreakerState, RobustClient
+from onpolicy.teacher.errors import TeacherResponseError
 from onpolicy.teacher.fingerprint import CheckResult, compare_info
-from onpolicy.teacher.http import BreakerState, RobustClient, TeacherResponseError
-from onpolicy.teacher.local import generate_request
+from onpolicy.teacher.local.engines import generate_request
 from onpolicy.teacher.validate import validate_completions, validate_scores
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores
 

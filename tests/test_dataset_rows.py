@@ -16,8 +16,8 @@ from onpolicy.chat import (
     with_chat_template,
 )
 from onpolicy.config import load_config
-from onpolicy.data import PromptSource, encode_prompts
 from onpolicy.learner.batch import build_batch
+from onpolicy.prompts import PromptSource, encode_prompts
 from onpolicy.types import Rollout, TeacherScores
 
 # A variant that writes a default system prompt when there is none (as Qwen2's template does): the
@@ -193,8 +193,8 @@ def test_mask_truncated_leaves_capped_completions_out_of_the_loss():
     scores = [TeacherScores(logprobs=[-0.5, -0.5])] * 2
     kept = build_batch(rollouts, scores, pad_id=0)
     masked = build_batch(rollouts, scores, pad_id=0, mask_truncated=True)
-    assert kept.mask_BL.sum().item() == 4 and masked.mask_BL.sum().item() == 2
-    assert torch.equal(masked.mask_BL[0], kept.mask_BL[0]) and masked.mask_BL[1].sum().item() == 0
+    assert kept.mask_BT.sum().item() == 4 and masked.mask_BT.sum().item() == 2
+    assert torch.equal(masked.mask_BT[0], kept.mask_BT[0]) and masked.mask_BT[1].sum().item() == 0
 
 
 def test_config_requires_a_source_and_one_field():

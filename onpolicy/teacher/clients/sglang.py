@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from onpolicy.engines.vllm import derive_seed
+from onpolicy.teacher.clients.remote import RemoteTeacher
 from onpolicy.teacher.fingerprint import CheckResult
-from onpolicy.teacher.local import repeat_greedy
-from onpolicy.teacher.remote import RemoteTeacher
+from onpolicy.teacher.local.engines import repeat_greedy
 from onpolicy.teacher.validate import validate_scores
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
 

@@ -2,7 +2,7 @@
 
 `addition` is the embedded toy task; `jsonl` reads `{"prompt", "answer"?, "split"?}` lines
 (split is `train` (default), `heldout` or `ood`); `dataset` reads anything the `datasets` library
-does, plain text or chat conversations (`onpolicy.data_sources`). Every example with an answer is
+does, plain text or chat conversations (`onpolicy.dataset_rows`). Every example with an answer is
 checked by exact match of the decoded completion against it.
 
 Everything is checked when the source is built, before any engine starts: each file line (an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from onpolicy.chat import render_ids
 from onpolicy.config import DataConfig, EvalConfig
-from onpolicy.data_sources import DatasetSource
+from onpolicy.dataset_rows import DatasetSource
 from onpolicy.toy.task import AdditionTask
 from onpolicy.types import Example
 

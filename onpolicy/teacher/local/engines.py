@@ -182,18 +182,18 @@ class HFTeacher(_LocalTeacher):
 
         seqs = [list(it.prompt_ids) + list(it.completion_ids) for it in items]
         width = max(len(s) for s in seqs)
-        ids_BL = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask_BL = torch.zeros(len(seqs), width, dtype=torch.long)
+        ids_BT = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask_BT = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids_BL[b, : len(s)] = torch.tensor(s)
-            mask_BL[b, : len(s)] = 1
+            ids_BT[b, : len(s)] = torch.tensor(s)
+            mask_BT[b, : len(s)] = 1
         rows = torch.tensor([b for b, it in enumerate(items) for _ in it.completion_ids], dtype=torch.long)
         cols = torch.tensor([len(it.prompt_ids) - 1 + t for it in items for t in range(len(it.completion_ids))],
                             dtype=torch.long)
         targets_N = torch.tensor([tok for it in items for tok in it.completion_ids], dtype=torch.long)
         with torch.no_grad():
-            logits_BLV = self.model(input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device)).logits
-            logp_NV = torch.log_softmax(logits_BLV[rows.to(self.device), cols.to(self.device)].float(), dim=-1).cpu()
+            logits_BTV = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device)).logits
+            logp_NV = torch.log_softmax(logits_BTV[rows.to(self.device), cols.to(self.device)].float(), dim=-1).cpu()
         logprobs = logp_NV.gather(-1, targets_N[:, None])[:, 0].tolist()
         tops: list | None = None
         if top_k:
@@ -271,13 +271,13 @@ class HFTeacher(_LocalTeacher):
             pad_token_id=eos[0] if eos else 0,  # fills rows that ended early; cut off below
             use_cache=True,
         )
-        ids_BL = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        ids_BT = torch.tensor(prompts, dtype=torch.long, device=self.device)
         recorder = RawLogprobs()
         seqs_RS = self.model.generate(
-            input_ids=ids_BL, attention_mask=torch.ones_like(ids_BL), generation_config=cfg,
+            input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT), generation_config=cfg,
             logits_processor=LogitsProcessorList([recorder]),
         )
-        new_RT = seqs_RS[:, ids_BL.shape[1] :]
+        new_RT = seqs_RS[:, ids_BT.shape[1] :]
         recorder.take(new_RT[:, -1])  # the last token was sampled after the processor's last call
         tokens = new_RT.cpu().tolist()
         logprobs = torch.stack(recorder.taken, dim=1).cpu().tolist()

@@ -39,7 +39,7 @@ class TeacherActor:
             import torch
 
             torch.set_num_threads(threads)
-        from onpolicy.teacher.local import build_local_teacher
+        from onpolicy.teacher.local.engines import build_local_teacher
 
         self.teacher = build_local_teacher(model_path, backend, **kwargs)
 

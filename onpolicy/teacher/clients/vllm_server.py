@@ -45,10 +45,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from onpolicy.teacher.clients.remote import RemoteTeacher
+from onpolicy.teacher.errors import TeacherRequestError
 from onpolicy.teacher.fingerprint import FIX, PROBE_TEXT, CheckResult, describe_model, load_tokenizer
-from onpolicy.teacher.http import TeacherRequestError
-from onpolicy.teacher.local import repeat_greedy
-from onpolicy.teacher.remote import RemoteTeacher
+from onpolicy.teacher.local.engines import repeat_greedy
 from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherInfo, TeacherScores, rank_top_k
 
 # vLLM's finish reasons -> ours; anything else (abort, error, null) fails the call.

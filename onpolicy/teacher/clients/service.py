@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from onpolicy.teacher.remote import RemoteTeacher, describe_validation_error
+from onpolicy.teacher.clients.remote import RemoteTeacher, describe_validation_error
 from onpolicy.types import (
     GeneratedCompletion,
     GenerateRequest,
