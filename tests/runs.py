@@ -53,7 +53,7 @@ def finish_reference(student: str | Path, teacher: str | Path, out: Path) -> Ref
     try:
         summary = run.run()
         return ReferenceRun(
-            out=out, summary=summary, collective=run.collective, push_by=run.push_by,
+            out=out, summary=summary, collective=run.sync.collective, push_by=run.pushed.by,
             worker_versions=ray.get([w.version.remote() for w in run.workers]),
             engine_logprobs=ray.get([w.score.remote(FIXED) for w in run.workers]),
             learner_logprobs=ray.get(run.learner.score.remote(FIXED)),

@@ -249,7 +249,8 @@ def test_the_cli_names_the_bad_row_without_a_traceback(tmp_path, tiny_model_dir,
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
 
 
-def test_the_readme_data_example_is_a_valid_config():
+def test_the_documented_data_examples_are_valid_configs():
+    """The YAML of docs/data.md ("Data sources and chat templates") and the README's shape of a config."""
     import re
     from pathlib import Path
 
@@ -257,10 +258,16 @@ def test_the_readme_data_example_is_a_valid_config():
 
     from onpolicy.config import config_from_dict
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Data sources and chat templates"):]
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "data.md").read_text()
+    section = docs[docs.index("## Data sources and chat templates"):]
     block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
     assert config_from_dict(yaml.safe_load(block)).data.messages_field == "messages"
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Your own models and data"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    cfg = config_from_dict(yaml.safe_load(block))
+    assert (cfg.data.task, cfg.data.messages_field, cfg.teacher.kind) == ("dataset", "messages", "local")
 
 
 def test_a_streamed_bad_row_is_named_when_drawn_and_a_missing_file_before(tmp_path):

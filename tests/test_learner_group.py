@@ -100,7 +100,7 @@ def test_two_learner_ranks_lose_one_recover_and_learn_like_one(ray_session, tiny
         os.kill(ray_session.get(run.learner.ranks[1].pid.remote()), signal.SIGKILL)  # a rank of this test's run
         killed_at = time.time()
         two = training.result(timeout=600)  # the run's own error, if it failed, is raised here
-        assert run.collective and run.push_by == "collective"
+        assert run.sync.collective and run.pushed.by == "collective"
         assert ray_session.get(run.workers[0].version.remote()) == STEPS
         assert_nested_close(ray_session.get(run.workers[0].score.remote(FIXED)),
                             ray_session.get(run.learner.score.remote(FIXED)), FP32_KERNELS, "engine vs learner")

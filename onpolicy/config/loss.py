@@ -40,7 +40,7 @@ class LossBase(Section):
 class ReverseKLLossConfig(LossBase):
     """Sampled per-token reverse KL on the student's samples, with an importance ratio (DESIGN.md, the maths)."""
 
-    # Policy-gradient steps: 1e-3 collapses it on the toy (README, "What the loss choice does").
+    # Policy-gradient steps: 1e-3 collapses it on the toy (docs/losses.md).
     default_lr: ClassVar[float] = 3e-4
 
     kind: Literal["reverse_kl"] = Field(

@@ -10,7 +10,7 @@ Why these shapes (the kit's shape rule sets head_dim; 256 wide with 4 heads give
   digit right 62 % of the time) and makes mistakes, which is where on-policy distillation with
   reverse KL starts in practice (after SFT or mid-training). From a student that lacks the skill
   (250 steps, 0.13) reverse KL learns only after a long, seed-dependent plateau: its push on the
-  right token is proportional to the student's probability of it (README, "What the loss choice does").
+  right token is proportional to the student's probability of it (docs/losses.md).
 
 Training sees only `AdditionTask.train_stream` prompts (which skip the held-out set) and puts
 the loss on completion tokens (reversed answer digits + EOS) only.
@@ -50,7 +50,7 @@ class ToyModelSpec(ModelSpec):
 # The teacher knows more than the student is ever prompted with (operands of up to 4 digits; the
 # distillation prompts have up to 3), so the OOD split measures whether a capability transfers. Label
 # smoothing keeps it calibrated the way an LLM is on plausible tokens: a wrong digit gets log-prob
-# ~ -5, not ~ -15, which is what made the sampled reverse-KL advantages blow up (README, the maths).
+# ~ -5, not ~ -15, which is what made the sampled reverse-KL advantages blow up (docs/maths.md).
 TEACHER = ToyModelSpec(name="teacher", num_layers=4, hidden=256, heads=4, intermediate=512, steps=2500,
                        batch_size=128, lr=1e-3, eval_every=500, max_digits=4, label_smoothing=0.1)
 STUDENT = ToyModelSpec(name="student", num_layers=2, hidden=256, heads=4, intermediate=512, steps=450,
