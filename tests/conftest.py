@@ -132,6 +132,8 @@ SHARED = {
     "test_teacher_numerics": "teachers", "test_teacher_service": "teachers",
 }
 FIRST = ["test_readme_commands", "teachers", "test_control_ray", "reference"]  # the longest, dispatched first
+# Modules whose tests share nothing and are each long: every test is a work unit of its own.
+SPLIT = {"test_readme_commands"}
 
 
 def _group_of(module: str) -> str:
@@ -150,6 +152,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return _group_of(Path(nodeid.split("::", 1)[0]).stem)
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return nodeid if module in SPLIT else _group_of(module)
 
     return ByGroup(config, log)
