@@ -151,7 +151,12 @@ class Restarts:
                 elif pushed.by == "collective" and not learner_lost(err, run.learner):
                     # a broadcast cut short by a fault: send it the other way
                     run.sync.leave(f"a broadcast failed ({type(err).__name__})")
-                    versions = push_weights(run.learner.weight_update.remote(), run.workers)
+                    try:
+                        versions = push_weights(run.learner.weight_update.remote(), run.workers)
+                    except Exception as again:  # the learner died with the broadcast: it shows only now
+                        if self.learner_back(again):
+                            return False
+                        raise
                     break
                 elif self.learner_back(err):
                     return False
