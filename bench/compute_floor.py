@@ -53,8 +53,8 @@ def main() -> None:
     prompts = [r["prompt"] for r in prompts if r.get("split", "train") == "train"]
     B, steps, eos, pad = spec["batch"], spec["steps"], tok.eos_token_id, tok.pad_token_id
 
-    per_step, phases, counts = [], [], []
-    t_train = time.perf_counter()
+    per_step, phases, counts, end_epochs = [], [], [], []
+    t_train, first_step_epoch = time.perf_counter(), time.time()
     for step in range(steps):
         t0 = time.perf_counter()
         ids = [list(tok(p)["input_ids"]) for p in prompts[step * B : (step + 1) * B]]  # as onpolicy encodes
@@ -85,6 +85,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         per_step.append(t3 - t0)
+        end_epochs.append(time.time())
         phases.append({"generate": t1 - t0, "teacher": t2 - t1, "learn": t3 - t2})
         counts.append((len(ids), int(comp_mask.sum())))
         print(f"floor step {step + 1}/{steps}: {t3 - t0:.3f} s, {counts[-1][1]} tokens, "
@@ -107,10 +108,12 @@ def main() -> None:
             "sampled_tokens": sum(counts[i][1] for i in kept),
             "interval_seconds": sum(per_step[i] for i in kept),
             "phase_seconds": {k: sum(phases[i][k] for i in kept) for k in ("generate", "teacher", "learn")},
+            "window_epochs": [end_epochs[warmup - 1] if warmup else first_step_epoch, end_epochs[-1]],
         },
         "per_step_seconds": per_step,
         "per_step_counts": counts,
         "train_seconds": train_seconds,
+        "first_step_started_at": first_step_epoch,
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "process_seconds_to_end_of_save": time.perf_counter() - t_process,

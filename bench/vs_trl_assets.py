@@ -4,7 +4,9 @@
   character tokenizer); prompts from `AdditionTask` (training stream + its held-out set).
 - mid: Qwen2 models with random (seeded) weights, ~6M student / ~45M teacher, sharing one BPE
   tokenizer (vocab 300) trained here on a generated corpus of made-up words. Built into the
-  cache folder once; a `build.json` with the spec marks a finished build.
+  cache folder once; a `build.json` with the spec marks a finished build. Neither model ever samples
+  EOS (`never_eos`), so every completion is exactly the cap long on every side: a random model would
+  otherwise stop after ~1/p(EOS) = ~300 tokens, and the sweep over lengths would not be one.
 
 Every system reads the same JSONL file: `steps x prompts_per_step` training lines, in the order
 they are used (batch i = lines i*B .. (i+1)*B-1), then the held-out lines (`"split": "heldout"`).
@@ -19,8 +21,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from onpolicy.kit.build import save_random_model
-from onpolicy.kit.spec import ModelSpec
+from onpolicy.kit.build import save_model
+from onpolicy.kit.spec import ModelSpec, random_model
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_ASSETS = REPO / "onpolicy" / "toy" / "assets"
@@ -40,10 +42,12 @@ class Pair:
     default_steps: int
 
 
+# 2,048 positions: room for a prompt and the sweep's longest completion (1,024). Rotary positions, so the
+# limit adds no parameters.
 MID_STUDENT = ModelSpec(name="student", arch="qwen2", num_layers=4, hidden=384, heads=6, intermediate=768,
-                        max_positions=256, seed=1)
+                        max_positions=2048, seed=1)
 MID_TEACHER = ModelSpec(name="teacher", arch="qwen2", num_layers=8, hidden=768, heads=12, intermediate=1408,
-                        max_positions=256, seed=2)
+                        max_positions=2048, seed=2)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class MidSpec:
     teacher: ModelSpec = MID_TEACHER
     seed: int = 0
     corpus_sentences: int = 4000
-    version: int = 1
+    never_eos: bool = True
+    version: int = 3
 
 
 # ---- the generated language of the mid pair ----------------------------------------------------
@@ -102,6 +107,39 @@ def _build_tokenizer(corpus: list[str], vocab_size: int):
                           bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=256)
 
 
+def never_eos(model, eos_id: int, level: float = 0.1, gap: float = 150.0, probes: int = 4) -> float:
+    """Make `model` (a transformers Qwen2/Llama, untied head) never sample `eos_id`, in place; returns the
+    highest log p(EOS) seen afterwards on `probes` random sequences of the model's full length.
+
+    Residual coordinate 0 is held at `level` for every token at every layer (the embeddings' column 0 is
+    `level`; no attention or MLP output writes to it: row 0 of every `o_proj` and `down_proj` is zero), so after
+    the final RMSNorm it is positive at every position, though smaller where the other coordinates grew through
+    the layers. The head's EOS row is `-scale` there and zero elsewhere, with `scale` set from the smallest
+    value seen on the probes so that EOS's logit is `gap` below zero there (the other logits are O(1)):
+    p(EOS) < 1e-40, zero in fp32. Refuses (ValueError) a model where a probe still gives EOS more than e^-60.
+    The same weights load in vLLM and transformers, so every side samples the same way; no shape changes."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = level
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (probes, model.config.max_position_embeddings), generator=g)
+        # hidden_states[-1] of a transformers Llama/Qwen2 is after the final norm: what the head reads.
+        normed = model(ids, output_hidden_states=True).hidden_states[-1][..., 0]
+        smallest = float(normed.min())
+        if smallest <= 0:
+            raise ValueError(f"residual coordinate 0 reads {smallest} after the final norm: it must stay positive")
+        model.lm_head.weight[eos_id, :] = 0.0
+        model.lm_head.weight[eos_id, 0] = -gap / smallest
+        worst = float(torch.log_softmax(model(ids).logits, -1)[..., eos_id].max())
+    if worst > -60:
+        raise ValueError(f"EOS keeps log-probability {worst:.1f} after never_eos: raise `gap`")
+    return worst
+
+
 def build_mid_models(root: Path, spec: MidSpec = MidSpec(), log=print) -> tuple[Path, Path, dict]:
     """`root/student`, `root/teacher` (cached: rebuilt only when the spec changed); returns their paths and sizes."""
     student_dir, teacher_dir, info_path = root / "student", root / "teacher", root / "build.json"
@@ -123,7 +161,10 @@ def build_mid_models(root: Path, spec: MidSpec = MidSpec(), log=print) -> tuple[
     shutil.rmtree(root, ignore_errors=True)
     sizes = {}
     for model, dest in ((spec.student, student_dir), (spec.teacher, teacher_dir)):
-        save_random_model(dest, model, tokenizer, seed=spec.seed * 1000 + model.seed)
+        made = random_model(model, tokenizer, seed=spec.seed * 1000 + model.seed)
+        if spec.never_eos:
+            never_eos(made, tokenizer.eos_token_id)
+        save_model(made, tokenizer, dest)
         sizes[model.name] = _count_params(dest)
     info = {"spec": want, "parameters": sizes, "lexicon_seed": spec.seed}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
@@ -137,26 +178,28 @@ def _write_prompts(path: Path, train: list[dict], heldout: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def prepare_pair(name: str, cache: Path, steps: int | None, log=print) -> tuple[Pair, dict]:
-    """Build (or reuse) the pair's models and write its prompt file for `steps` steps."""
+def prepare_pair(name: str, cache: Path, steps: int | None, log=print, *, max_new_tokens: int | None = None,
+                 prompts_per_step: int | None = None) -> tuple[Pair, dict]:
+    """Build (or reuse) the pair's models and write its prompt file for `steps` steps; `max_new_tokens` and
+    `prompts_per_step` replace the pair's defaults (the mid pair's length sweep)."""
     cache.mkdir(parents=True, exist_ok=True)
     if name == "toy":
         from onpolicy.toy.task import AdditionTask
 
-        batch, cap, n_heldout, default_steps = 64, 8, 64, 30
+        batch, cap, n_heldout, default_steps = prompts_per_step or 64, max_new_tokens or 8, 64, 30
         steps = steps or default_steps
         task = AdditionTask(1, 3, 4)
         heldout = task.heldout(n_heldout)
         stream = task.train_stream(0, exclude=heldout)
         train = [{"prompt": e.prompt, "answer": e.answer} for e in (next(stream) for _ in range(steps * batch))]
-        path = cache / f"toy_prompts_{steps}.jsonl"
+        path = cache / f"toy_prompts_{steps}x{batch}.jsonl"
         _write_prompts(path, train, [{"prompt": e.prompt, "answer": e.answer} for e in heldout])
         pair = Pair("toy", str(TOY_ASSETS / "student"), str(TOY_ASSETS / "teacher"), str(path), batch, cap,
                     n_heldout, default_steps)
         info = {"parameters": {k: _count_params(TOY_ASSETS / k) for k in ("student", "teacher")}}
         return pair, info
     if name == "mid":
-        batch, cap, n_heldout, default_steps = 32, 64, 32, 10
+        batch, cap, n_heldout, default_steps = prompts_per_step or 32, max_new_tokens or 64, 32, 10
         steps = steps or default_steps
         student, teacher, info = build_mid_models(cache / "mid", log=log)
         lexicon = json.loads((cache / "mid" / "lexicon.json").read_text())
@@ -164,7 +207,7 @@ def prepare_pair(name: str, cache: Path, steps: int | None, log=print) -> tuple[
         heldout_rng, train_rng = random.Random(11), random.Random(7)
         heldout = [{"prompt": _sentence(heldout_rng, lexicon, 6, 12)} for _ in range(n_heldout)]
         train = [{"prompt": _sentence(train_rng, lexicon, 6, 12)} for _ in range(steps * batch)]
-        path = cache / f"mid_prompts_{steps}.jsonl"
+        path = cache / f"mid_prompts_{steps}x{batch}.jsonl"
         _write_prompts(path, train, heldout)
         return Pair("mid", str(student), str(teacher), str(path), batch, cap, n_heldout, default_steps), info
     raise ValueError(f"unknown pair {name!r}: use toy or mid")

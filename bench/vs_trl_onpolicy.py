@@ -37,6 +37,7 @@ def steady_state(records: list[dict], warmup: int) -> dict:
         "interval_seconds": interval,
         "step_seconds_sum": sum(r["step_seconds"] for r in kept),
         "phase_seconds": {k: sum(r.get(f"{k}_seconds", 0.0) for r in kept) for k in ("rollout", "score", "learn", "push")},
+        "window_epochs": [start, kept[-1]["time"]],
     }
 
 
@@ -54,7 +55,10 @@ def run_train(spec: dict) -> dict:
     summary = train(cfg, show_progress=False)
     train_wall = time.perf_counter() - t
     records = read_metrics(Path(cfg.output_dir) / "metrics.jsonl", kind="train")
+    # The startup record is written as the first step begins (after the first held-out eval).
+    startup = read_metrics(Path(cfg.output_dir) / "metrics.jsonl", kind="startup")[0]
     return {"summary": summary, "train_call_seconds": train_wall, "records": records,
+            "first_step_started_at": startup["time"],
             "steady": steady_state(records, spec.get("warmup", 2)), "config": cfg.model_dump(mode="json")}
 
 

@@ -72,9 +72,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
+    if args.task == "working":
+        from onpolicy.working.build import build_working_models
+
+        build_working_models(args.out or "working", force=args.force)
+        return 0
     from onpolicy.toy.build import build_toy_models
 
-    build_toy_models(args.out, force=args.force)
+    build_toy_models(args.out or "toy", force=args.force)
+    return 0
+
+
+def cmd_student_init(args: argparse.Namespace) -> int:
+    from onpolicy.prune.student_init import init_student
+
+    build = init_student(args.teacher, args.out, layers=args.layers, heads=args.heads, mlp=args.mlp,
+                         hidden=args.hidden, config=args.config, overrides=args.overrides,
+                         calibration_prompts=args.calibration_prompts,
+                         calibration_new_tokens=args.calibration_new_tokens)
+    print(json.dumps({"out": args.out, "shape": build["shape"], "params": build["params"],
+                      "teacher_params": build["teacher_params"], "layers": build["kept"]["layers"]}, indent=2))
     return 0
 
 
@@ -110,8 +127,18 @@ def cmd_teacher_check(args: argparse.Namespace) -> int:
     from onpolicy.teacher.check import check_teacher
     from onpolicy.teacher.factory import api_key_from_env
 
+    if args.config is not None:  # every teacher of a run: its mode and why, decided before any engine starts
+        from onpolicy.stack import check
+
+        cfg = _load(args.config, [])
+        for plan in check(cfg, student=args.student).plans:
+            print(plan.line())
+        return 0
+    if args.url is None or args.student is None:
+        raise ValueError("teacher check needs URL and --student DIR (one endpoint), or --config CFG (a run's teachers)")
     api_key = api_key_from_env(args.api_key_env)
-    report = check_teacher(args.url, args.kind, args.student, api_key=api_key, top_k=args.top_k)
+    report = check_teacher(args.url, args.kind, args.student, api_key=api_key, top_k=args.top_k,
+                           tokenizer=args.tokenizer, endpoint=args.endpoint)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -153,13 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the embedded toy task and models")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     tb = toy_sub.add_parser("build", help="build (or copy the prebuilt) toy teacher and student")
-    tb.add_argument("--out", default="toy", help="writes OUT/teacher and OUT/student")
+    from onpolicy.config.data import EMBEDDED_TASKS
+
+    tb.add_argument("--task", choices=EMBEDDED_TASKS, default=EMBEDDED_TASKS[0],
+                    help="addition (configs/toy.yaml) or arithmetic with the working written out (configs/working.yaml)")
+    tb.add_argument("--out", default=None, help="writes OUT/teacher and OUT/student (default: toy, or working)")
     tb.add_argument("--force", action="store_true", help="retrain even if a matching build exists")
     tb.set_defaults(func=cmd_toy_build)
 
+    stu = sub.add_parser("student", help="students made from their teacher")
+    stu_sub = stu.add_subparsers(dest="student_command", required=True)
+    si = stu_sub.add_parser("init", help="cut a student from a Llama/Qwen2 teacher: depth and width pruning "
+                            "(docs/students.md)")
+    si.add_argument("--teacher", required=True, help="teacher model folder (Llama or Qwen2)")
+    si.add_argument("--out", required=True, help="new student folder (written with build.json)")
+    si.add_argument("--layers", default=None,
+                    help="teacher layers to keep: `every-other` (0,2,4,...) or a list such as 1,3 (default: all)")
+    si.add_argument("--heads", type=int, default=None, help="attention heads to keep per layer (default: all)")
+    si.add_argument("--mlp", type=int, default=None, help="MLP channels to keep per layer (default: all)")
+    si.add_argument("--hidden", type=int, default=None, help="embedding channels to keep (default: all)")
+    si.add_argument("--config", default=DEFAULT_CONFIG,
+                    help="run config whose `data` section gives the calibration prompts (width pruning)")
+    si.add_argument("--calibration-prompts", type=int, default=256, help="prompts to measure importance on")
+    si.add_argument("--calibration-new-tokens", type=int, default=16,
+                    help="the teacher's greedy completion appended to each calibration prompt, in tokens")
+    si.add_argument("overrides", nargs="*", help="config overrides, e.g. data.max_digits=4")
+    si.set_defaults(func=cmd_student_init)
+
     d = sub.add_parser("demo", help="the main job: build toy models, distill, report before/after")
     d.add_argument("--out", default="runs/demo", help="run directory (report.json, plot, student)")
-    d.add_argument("--toy-dir", default="toy", help="where the toy models live (built if missing)")
+    d.add_argument("--toy-dir", default=None,
+                   help="where the task's models live, built if missing (default: toy, or working for data.task=working)")
     d.add_argument("--config", default=DEFAULT_CONFIG)
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
@@ -186,11 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     tch = sub.add_parser("teacher", help="external teacher endpoints")
     tch_sub = tch.add_subparsers(dest="teacher_command", required=True)
-    tc = tch_sub.add_parser("check", help="is this teacher endpoint usable for this student? (exit 1 if not)")
-    tc.add_argument("url", help="base URL, e.g. http://127.0.0.1:8100")
-    tc.add_argument("--student", required=True, help="student model folder (its tokenizer is compared)")
-    tc.add_argument("--kind", choices=RemoteTeacherKinds(), default="service", metavar="KIND",
+    tc = tch_sub.add_parser("check", help="is this teacher endpoint usable for this student, and in which mode? "
+                            "(exit 1 if not); with --config: the mode of each of a run's teachers")
+    tc.add_argument("url", nargs="?", default=None, help="base URL, e.g. http://127.0.0.1:8100")
+    tc.add_argument("--student", default=None, help="student model folder (its tokenizer is compared); with "
+                    "--config: instead of model.student")
+    class CheckKinds(RemoteTeacherKinds):
+        """`teacher check --kind` choices: the scoring dialects and a text-only endpoint."""
+
+        def _kinds(self) -> list[str]:
+            return [*super()._kinds(), "openai"]
+
+    tc.add_argument("--kind", choices=CheckKinds(), default="service", metavar="KIND",
                     help="the endpoint's dialect: %(choices)s (default: %(default)s)")
+    tc.add_argument("--tokenizer", default=None, help="the teacher's own tokenizer folder, when it is not the "
+                    "student's (span-aligned distillation, teacher.tokenizer)")
+    tc.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                    help="--kind openai: the endpoint asked (default: %(default)s)")
+    tc.add_argument("--config", default=None, help="a run config: print the mode each of its teachers gets, and "
+                    "why (checks folders, data and loss; starts nothing)")
     tc.add_argument("--top-k", type=int, default=None, help="the top-k the run will ask for")
     tc.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token")
     tc.set_defaults(func=cmd_teacher_check)

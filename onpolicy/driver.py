@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from onpolicy.config import RunConfig, dump_config
-from onpolicy.heldout import eval_seed, evaluate
+from onpolicy.heldout import eval_seed
 from onpolicy.learner.checkpoint import rotate
 from onpolicy.metrics import MetricsLog, first_record
+from onpolicy.mixture import evaluate_sources
 from onpolicy.recovery import DRIVER_STATE, FaultCounts, check_resumable, require_restored, restore_checkpoint
 from onpolicy.restarts import Restarts
+from onpolicy.retention import retention_summary
 from onpolicy.rollout.pool import check_push
 from onpolicy.rollout.weight_sync import Push, WeightSync
 from onpolicy.sampling import Pending, Sampler
@@ -89,6 +91,8 @@ class Run:
             if self.source.skipped_long:
                 self.log.message(f"skipped {self.source.skipped_long} prompts longer than the student or teacher "
                                  "accepts (data.skip_long_prompts=true)")
+            for plan in checked.plans:  # which mode each teacher gets, and why (teacher/modes.py)
+                self.log.message(plan.line())
         except BaseException:
             self.close()
             raise
@@ -115,6 +119,9 @@ class Run:
         """(Once the teacher passed its checks, before the engines start.) The run folder and its config."""
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, self.out / "config.yaml")
+        with (self.out / "config.yaml").open("a") as f:  # comments: the file still loads as a config
+            f.write("# teacher modes (decided before any engine started):\n")
+            f.writelines(f"#   {plan.line()}\n" for plan in self.stack.checked.plans)
         self.set_status(RunStatus.STARTING)
 
     def set_status(self, status: RunStatus, reason: str | None = None) -> None:
@@ -127,8 +134,8 @@ class Run:
             if state == "closed":
                 self.set_status(RunStatus.RUNNING)
             else:
-                self.set_status(RunStatus.DEGRADED, reason=f"teacher {', '.join(self.cfg.teacher.endpoints())} "
-                                "unreachable; scoring paused")
+                urls = [u for tc in self.cfg.teacher_list() for u in tc.endpoints()]
+                self.set_status(RunStatus.DEGRADED, reason=f"teacher {', '.join(urls)} unreachable; scoring paused")
 
     def on_fault(self, event: dict[str, Any]) -> None:
         if self.log is not None:
@@ -185,15 +192,17 @@ class Run:
                               teacher_tokens_processed=self.sampler.teacher_tokens,
                               skipped_long_prompts=self.source.skipped_long,
                               **{f"teacher_{key}": v for key, v in self.teacher.usage().items()},
-                              skipped_nonfinite_total=self.nonfinite.total, **self.faults.metrics())
+                              skipped_nonfinite_total=self.nonfinite.total, **self.faults.metrics(), **done.by_source)
         self.log.train(self.step, metrics)
         self.nonfinite.check(self.cfg.schedule.max_nonfinite_steps, metrics)
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        res = evaluate(self.workers, self.teacher, self.tokenizer, self.source.heldout, self.source.ood,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, seed=eval_seed(self.cfg.seed), stop=self.stop,
-                       recover=self.restarts.worker)
+        # each source of a mixture is evaluated with its own teacher (one source: its teacher, as ever)
+        res = evaluate_sources(self.source, self.teacher.member, self.teacher.default, workers=self.workers,
+                               tokenizer=self.tokenizer, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                               seed=eval_seed(self.cfg.seed), stop=self.stop, recover=self.restarts.worker,
+                               unseen=self.source.unseen, retention=self.stack.checked.retention)
         self.log.eval(self.step, res)
         return res
 
@@ -236,7 +245,7 @@ class Run:
             distill_seconds += time.perf_counter() - t
             if done is None:
                 continue  # the learner went back to its last checkpoint
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.schedule.steps:
+            if cfg.eval.due(self.step) and self.step < cfg.schedule.steps:
                 t = time.perf_counter()
                 last_eval = self.evaluate()
                 eval_seconds += time.perf_counter() - t
@@ -251,7 +260,11 @@ class Run:
         final_eval = self.evaluate() if self.step > 0 or stopped else last_eval
         summary = {"steps": self.step, "stopped": stopped, "distill_wall_seconds": distill_seconds,
                    "eval_wall_seconds": eval_seconds, "before": first_eval, "after": final_eval,
-                   "checkpoint": str(ckpt), "student": str(self.out / "student"), "startup": self.startup}
+                   "checkpoint": str(ckpt), "student": str(self.out / "student"), "startup": self.startup,
+                   "teachers": [plan.as_dict() for plan in self.stack.checked.plans]}
+        retention = self.stack.checked.retention
+        if retention is not None:  # each probe set's exact match before and after, flagged on a drop
+            summary["retention"] = retention_summary(first_eval, final_eval, retention.probes)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.set_status(stopped_status() if stopped else RunStatus.FINISHED)
         return summary

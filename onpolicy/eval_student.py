@@ -1,5 +1,6 @@
 """`onpolicy eval`: score any student folder against the configured teacher (any `teacher.kind`) on the
-held-out splits, with one rollout worker."""
+held-out splits (and `eval.retention`'s probe sets, against the config's starting student), with one rollout
+worker."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def eval_student(cfg: RunConfig, student_dir: str) -> dict[str, float]:
     stack = open_stack(cfg, checked, workers=1, learner=False)
     try:
         return evaluate(stack.workers, stack.teacher, checked.tokenizer, checked.source.heldout, checked.source.ood,
-                        max_new_tokens=cfg.rollout.max_new_tokens, seed=eval_seed(cfg.seed), stop=checked.stop)
+                        max_new_tokens=cfg.rollout.max_new_tokens, seed=eval_seed(cfg.seed), stop=checked.stop,
+                        unseen=checked.source.unseen, retention=checked.retention)
     finally:
         stack.close()

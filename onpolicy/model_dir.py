@@ -41,3 +41,13 @@ def model_max_len(model_path: str | Path) -> int | None:
 def model_vocab_size(model_path: str | Path) -> int | None:
     """`vocab_size` from a model folder's config.json: the width of its logits (None if it does not say)."""
     return _config_int(model_path, "vocab_size")
+
+
+def model_num_layers(model_path: str | Path) -> int | None:
+    """`num_hidden_layers` from a model folder's config.json (None if it does not say)."""
+    return _config_int(model_path, "num_hidden_layers")
+
+
+def model_hidden_size(model_path: str | Path) -> int | None:
+    """`hidden_size` from a model folder's config.json: the width of its residual stream."""
+    return _config_int(model_path, "hidden_size")

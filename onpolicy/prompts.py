@@ -1,9 +1,10 @@
 """Prompt sources: where training prompts and the held-out splits come from.
 
-`addition` is the embedded toy task; `jsonl` reads `{"prompt", "answer"?, "split"?}` lines
-(split is `train` (default), `heldout` or `ood`); `dataset` reads anything the `datasets` library
-does, plain text or chat conversations (`onpolicy.dataset_rows`). Every example with an answer is
-checked by exact match of the decoded completion against it.
+`addition` is the embedded toy task, `working` the second (arithmetic with the working written out);
+`jsonl` reads `{"prompt", "answer"?, "split"?}` lines (split is `train` (default), `heldout` or `ood`);
+`dataset` reads anything the `datasets` library does, plain text or chat conversations
+(`onpolicy.dataset_rows`). Every example with an answer is checked by exact match of the decoded
+completion against it.
 
 Everything is checked when the source is built, before any engine starts: each file line (an
 object, a non-empty `prompt` string, a known split; errors name file:line), and, with
@@ -23,6 +24,7 @@ from onpolicy.config import DataConfig, EvalConfig
 from onpolicy.dataset_rows import DatasetSource
 from onpolicy.toy.task import AdditionTask
 from onpolicy.types import Example
+from onpolicy.working.task import WorkingTask
 
 SPLITS = ("train", "heldout", "ood")
 
@@ -37,14 +39,25 @@ class PromptSource:
     def __init__(self, data: DataConfig, evalc: EvalConfig, seed: int, *, skip: int = 0):
         self.data = data
         self.skipped_long = 0
+        self.unseen: list[Example] = []  # an OOD split no model was trained on (the embedded tasks' `unseen_digits`)
         if data.task == "addition":
             task = AdditionTask(data.min_digits, data.max_digits, data.ood_digits)
             self.heldout = task.heldout(evalc.num_prompts)
             self.ood = task.ood(evalc.ood_num_prompts) if evalc.ood_num_prompts else []
+            if data.unseen_digits is not None and evalc.ood_num_prompts:
+                self.unseen = task.unseen(evalc.ood_num_prompts, data.unseen_digits)
             self._train: list[Example] | None = None
             # The longest training prompt the task can draw (both operands at max_digits).
             self._longest = [Example(prompt=f"{'9' * data.max_digits}+{'9' * data.max_digits}=", answer="")]
             self._make_stream = lambda: task.train_stream(seed, exclude=self.heldout)
+        elif data.task == "working":
+            work = WorkingTask(data.operation, data.min_digits, data.max_digits, data.ood_digits, data.unseen_digits or 0)
+            self.heldout = work.heldout(evalc.num_prompts)
+            self.ood = work.ood(evalc.ood_num_prompts) if evalc.ood_num_prompts else []
+            if data.unseen_digits is not None and evalc.ood_num_prompts:
+                self.unseen = work.unseen(evalc.ood_num_prompts)
+            self._train, self._longest = None, [work.longest_prompt()]
+            self._make_stream = lambda: work.train_stream(seed, exclude=self.heldout)
         elif data.task == "dataset":
             ds = DatasetSource(data, evalc.num_prompts, seed)
             self.heldout, self.ood, self._train, self._longest = ds.heldout, [], ds.train, []
@@ -108,7 +121,7 @@ class PromptSource:
             return encoded_length(tokenizer, e) > limit
 
         named = [("training", self._train if self._train is not None else self._longest),
-                 ("held-out", self.heldout), ("ood", self.ood)]
+                 ("held-out", self.heldout), ("ood", self.ood), ("unseen", self.unseen)]
         for split, examples in named:
             long = [e for e in examples if too_long(e)]
             if not long:

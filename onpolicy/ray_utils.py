@@ -11,6 +11,12 @@ from typing import Any
 
 _ACTOR_CLASSES: dict[type, Any] = {}
 
+# A Ray instance of our own starts no idle workers. Ray prestarts one Python worker per CPU for tasks; the engines
+# cannot use them (each has a runtime_env of its own, so Ray starts a process for it), and on a small machine
+# their start competes with the engines' for CPU (1.5-2.7 CPU seconds here, bench/startup.py). The learner,
+# which could take one, starts alongside the engines and is up before them.
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
 
 def ray_token_available() -> bool:
     """Whether this process has a Ray auth token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or
@@ -56,6 +62,7 @@ def init_ray() -> None:
         logging_level=ray_logging_level(),
         log_to_driver=os.environ.get("ONPOLICY_RAY_LOGS", "0") == "1",
         runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
+        **({"_system_config": LOCAL_SYSTEM_CONFIG} if address == "local" else {}),
     )
 
 

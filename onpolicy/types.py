@@ -75,16 +75,134 @@ class ScoreRequestItem(BaseModel):
     completion_ids: list[int]
 
 
+class TopK:
+    """The teacher's top-k at each of a completion's C positions as two arrays: `ids` [C, k] int32 and `logprobs`
+    [C, k] float32 (numpy), most likely first: the in-memory form every teacher returns, whatever the wire
+    (JSON rows, our binary format, a dialect's own JSON: converted once, at the edge, by `from_rows`).
+
+    It reads as the list form too: `len`, iteration and `[t]` give lists of (token_id, logprob) pairs, and
+    it equals those lists (their log-probs rounded to float32, as held), so code written against rows keeps
+    working. A row shorter than k (a teacher that
+    returned fewer) is padded with id -1 and log-prob -inf, which the row views leave out."""
+
+    __slots__ = ("ids", "logprobs")
+
+    def __init__(self, ids: Any, logprobs: Any) -> None:
+        import numpy as np
+
+        self.ids = np.ascontiguousarray(ids, dtype="<i4")
+        self.logprobs = np.ascontiguousarray(logprobs, dtype="<f4")
+        if self.ids.ndim != 2 or self.ids.shape != self.logprobs.shape:
+            raise ValueError(f"top-k ids {self.ids.shape} and log-probs {self.logprobs.shape} must be two arrays "
+                             "of one shape [positions, k]")
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Iterable[tuple[int, float]]]) -> TopK:
+        """From (token_id, logprob) rows, padding short rows (ValueError on anything but pairs of numbers)."""
+        import numpy as np
+
+        rows = [list(r) for r in rows]
+        k = max((len(r) for r in rows), default=0)
+        if all(len(r) == k for r in rows) and k:
+            pairs = np.asarray(rows, dtype=np.float64)
+            if pairs.shape != (len(rows), k, 2):
+                raise ValueError(f"top-k rows must hold (token_id, logprob) pairs, got an array of shape {pairs.shape}")
+            ids = pairs[..., 0]
+            if not np.array_equal(ids, np.round(ids)) or (ids.size and np.abs(ids).max() >= 2**31):
+                raise ValueError("top-k token ids must be integers below 2**31")
+            return cls(ids.astype(np.int64), pairs[..., 1])
+        ids = np.full((len(rows), k), -1, dtype=np.int64)
+        lps = np.full((len(rows), k), -np.inf, dtype=np.float64)
+        for t, row in enumerate(rows):
+            for j, pair in enumerate(row):
+                tok, lp = pair
+                if (isinstance(tok, float) and not tok.is_integer()) or abs(int(tok)) >= 2**31:
+                    raise ValueError("top-k token ids must be integers below 2**31")
+                ids[t, j], lps[t, j] = int(tok), float(lp)
+        return cls(ids, lps)
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def rows(self) -> list[list[tuple[int, float]]]:
+        ids, lps = self.ids.tolist(), self.logprobs.tolist()
+        if self.ids.size and self.ids.min() >= 0:  # no padding: the common case, without a test per entry
+            return [list(zip(i, v)) for i, v in zip(ids, lps)]
+        return [[(i, v) for i, v in zip(row_ids, row_lps) if i >= 0] for row_ids, row_lps in zip(ids, lps)]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, t: int | slice) -> list[tuple[int, float]] | TopK:
+        if isinstance(t, slice):
+            return TopK(self.ids[t], self.logprobs[t])
+        return [(i, v) for i, v in zip(self.ids[t].tolist(), self.logprobs[t].tolist()) if i >= 0]
+
+    def __iter__(self):
+        return iter(self.rows())
+
+    def __eq__(self, other: object) -> bool:
+        import numpy as np
+
+        if isinstance(other, TopK):  # the same rows (arrays of other widths can hold them: padding)
+            if self.ids.shape == other.ids.shape:
+                return np.array_equal(self.ids, other.ids) and np.array_equal(self.logprobs, other.logprobs)
+            return self.rows() == other.rows()
+        if isinstance(other, list):  # rows equal it when they round to what it holds (float32 log-probs)
+            return self.rows() == [[(int(i), float(np.float32(v))) for i, v in row] for row in other]
+        return NotImplemented
+
+    __hash__ = None  # mutable arrays
+
+    def __repr__(self) -> str:
+        return f"TopK(positions={len(self)}, k={self.k})"
+
+    def __getstate__(self) -> tuple:
+        return self.ids, self.logprobs
+
+    def __setstate__(self, state: tuple) -> None:
+        self.ids, self.logprobs = state
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        def coerce(value: Any) -> TopK:
+            if isinstance(value, TopK):
+                return value
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):  # pydantic wants ValueError
+                raise ValueError(  # noqa: TRY004
+                    f"top_k must be a list of rows of [token_id, logprob] pairs, got {type(value).__name__}")
+            try:
+                return cls.from_rows(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"top_k: {err}") from None
+
+        return core_schema.no_info_plain_validator_function(
+            coerce, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.rows()))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
+        pair = {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "number"}], "minItems": 2,
+                "maxItems": 2}
+        return {"type": "array", "items": {"type": "array", "items": pair},
+                "description": "Per completion token, the teacher's k most likely (token_id, logprob), most likely first."}
+
+
 class TeacherScores(BaseModel):
     """The teacher's view of one completion.
 
     `logprobs[t]` = log p_T(completion_ids[t] | prompt, completion[:t]).
     `top_k[t]` (optional) = the teacher's k most likely next tokens at position t as
-    (token_id, logprob) pairs, most likely first.
+    (token_id, logprob) pairs, most likely first (held as arrays: `TopK`).
+    `hidden[t][l]` (optional, local teachers asked for `loss.hidden`) = the teacher's residual stream after
+    the l-th requested decoder layer, at the position that predicts completion token t.
     """
 
     logprobs: list[float]
-    top_k: list[list[tuple[int, float]]] | None = None
+    top_k: TopK | None = None
+    hidden: list[list[list[float]]] | None = None
 
 
 def rank_top_k(pairs: Iterable[tuple[int, float]], k: int) -> list[tuple[int, float]]:
@@ -119,6 +237,102 @@ class ScoreResponse(BaseModel):
     scores: list[TeacherScores]
     model: str
     usage: ScoreUsage = ScoreUsage()
+
+
+# ---- the binary form of a ScoreResponse (`Accept: application/x-onpolicy-scores`) --------------------------
+#
+#   b"OPS1" | uint32 n | float32 logprobs [N] | int32 top-k ids [N, k] | float32 top-k log-probs [N, k] |
+#   n bytes of JSON {"lengths": [C_i], "k": k, "top_k": bool, "model": ..., "usage": {...}}
+#
+# little-endian; N = sum C_i ("top_k": whether the scores carry top-k: k may be 0 when every completion is empty). The arrays start at byte 8 (aligned for any reader); the JSON that
+# describes them comes last, `usage` at its very end, where a proxy that reads a JSON answer's usage from its
+# tail finds it too. JSON stays the default; a client that asks for this and gets JSON (an older server)
+# reads that. At k = 64 it is ~1/6 of the JSON's bytes and ~1/50 of its encode + decode time
+# (docs/long_sequences.md).
+SCORES_MEDIA_TYPE = "application/x-onpolicy-scores"
+_SCORES_MAGIC = b"OPS1"
+
+
+def accepts_binary_scores(accept: str | None) -> bool:
+    """Whether an `Accept` header lists the binary scores type (with q > 0)."""
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() == SCORES_MEDIA_TYPE:
+            q = next((p.split("=", 1)[1] for p in params if p.replace(" ", "").startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def encode_scores(resp: ScoreResponse) -> bytes:
+    """`resp` in the binary form above (ValueError for what it cannot carry: hidden states, top-k on only
+    some sequences)."""
+    import json
+
+    import numpy as np
+
+    scores = resp.scores
+    with_top = [s.top_k is not None for s in scores]
+    if any(with_top) and not all(with_top):
+        raise ValueError("binary scores carry top-k for every sequence or none")
+    if any(s.hidden is not None for s in scores):
+        raise ValueError("binary scores do not carry hidden states (ask for JSON)")
+    k = max((s.top_k.k for s in scores if s.top_k is not None), default=0)
+    tail = json.dumps({"lengths": [len(s.logprobs) for s in scores], "k": k, "top_k": bool(scores) and all(with_top),
+                       "model": resp.model,
+                       "usage": resp.usage.model_dump()}).encode()
+    parts = [_SCORES_MAGIC, len(tail).to_bytes(4, "little"),
+             np.asarray([v for s in scores for v in s.logprobs], dtype="<f4").tobytes()]
+    if k:
+        tops = [s.top_k if s.top_k.k == k else _widen(s.top_k, k) for s in scores]
+        parts.extend(t.ids.tobytes() for t in tops)
+        parts.extend(t.logprobs.tobytes() for t in tops)
+    parts.append(tail)
+    return b"".join(parts)
+
+
+def _widen(top: TopK, k: int) -> TopK:
+    import numpy as np
+
+    pad = ((0, 0), (0, k - top.k))
+    return TopK(np.pad(top.ids, pad, constant_values=-1), np.pad(top.logprobs, pad, constant_values=-np.inf))
+
+
+def decode_scores(body: bytes) -> ScoreResponse:
+    """The `ScoreResponse` in a binary body; ValueError saying what is malformed. Values are not checked
+    here: `teacher.validate.validate_scores` checks them as it checks JSON answers."""
+    import json
+
+    import numpy as np
+
+    if len(body) < 8 or body[:4] != _SCORES_MAGIC:
+        raise ValueError(f"not an {SCORES_MEDIA_TYPE} body (starts {body[:4]!r}, expected {_SCORES_MAGIC!r})")
+    n = int.from_bytes(body[4:8], "little")
+    try:
+        tail = json.loads(body[len(body) - n :] if 0 < n <= len(body) - 8 else b"")
+        lengths, k, has_top = [int(c) for c in tail["lengths"]], int(tail["k"]), bool(tail.get("top_k", False))
+        model, usage = str(tail["model"]), ScoreUsage.model_validate(tail.get("usage", {}))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"binary scores: unreadable trailer ({err})") from None
+    if k < 0 or any(c < 0 for c in lengths):
+        raise ValueError(f"binary scores: negative k ({k}) or sequence length in the trailer")
+    total = sum(lengths)
+    if len(body) != 8 + 4 * total * (1 + 2 * k) + n:
+        raise ValueError(f"binary scores: {len(body)} bytes, expected {8 + 4 * total * (1 + 2 * k) + n} for "
+                         f"{total} tokens at k={k}")
+    logprobs = np.frombuffer(body, dtype="<f4", count=total, offset=8).tolist()
+    if k:  # copies: the arrays outlive the body, and torch wants writable memory
+        ids = np.frombuffer(body, dtype="<i4", count=total * k, offset=8 + 4 * total).reshape(total, k).copy()
+        lps = np.frombuffer(body, dtype="<f4", count=total * k, offset=8 + 4 * total * (1 + k)).reshape(total, k)
+        lps = lps.copy()
+    scores, at = [], 0
+    for c in lengths:
+        top = (TopK(ids[at : at + c], lps[at : at + c]) if k else TopK(np.zeros((c, 0)), np.zeros((c, 0)))) if has_top else None
+        scores.append(TeacherScores.model_construct(logprobs=logprobs[at : at + c], top_k=top))
+        at += c
+    return ScoreResponse.model_construct(scores=scores, model=model, usage=usage)
 
 
 class GenerateRequest(BaseModel):

@@ -13,4 +13,15 @@ if [ "$flavour" = cpu ]; then
   # break `import transformers` ("operator torchvision::nms does not exist"); onpolicy needs none of them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
+# Headless Chromium for the dashboard's browser test (tests/test_dashboard.py): Debian's package, driven by
+# Playwright (`playwright install` downloads a browser of its own, which cannot work here). Skipped when present.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    as_root=""; [ "$(id -u)" = 0 ] || as_root="sudo"
+    $as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends chromium chromium-driver
+  else
+    echo "setup: no apt-get: install Chromium at /usr/bin/chromium for tests/test_dashboard.py" >&2
+  fi
+fi
 .venv/bin/python -c "import vllm, torch, transformers, ray; print('setup ok: vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -42,6 +42,17 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bpe_teacher_dir(tmp_path_factory) -> Path:
+    """A tiny teacher with another tokenizer: the toy task's byte-level BPE (onpolicy/toy/bpe_teacher.py), seed 2."""
+    from onpolicy.kit.build import save_random_model
+    from onpolicy.kit.spec import TINY_LLAMA
+    from onpolicy.toy.bpe_teacher import bpe_tokenizer
+
+    return save_random_model(tmp_path_factory.mktemp("tiny_bpe_teacher"), TINY_LLAMA, bpe_tokenizer(), seed=2,
+                             init_std=0.2)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory():
     """`build_tiny_model` itself, for tests that need a variant (another seed or tokenizer)."""
     return build_tiny_model
@@ -68,10 +79,13 @@ TEACHER_SERVICE_KEY_ENV = "ONPOLICY_TEST_TEACHER_KEY"  # names the key for runs:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_teacher_dir):
     """A real vLLM OpenAI server over the tiny teacher (`--max-logprobs 8`), for every test that scores or
-    samples through one (external-teacher adapter, check, generation, a run)."""
+    samples through one (external-teacher adapter, check, generation, a run); with the toy's chat template, so
+    /v1/chat/completions serves it as a hosted model would (test_text_teacher)."""
     from fakes.vllm import start_vllm_server
 
-    with start_vllm_server(tiny_teacher_dir, max_logprobs=8) as srv:
+    from onpolicy.toy import CHAT_TEMPLATE
+
+    with start_vllm_server(tiny_teacher_dir, max_logprobs=8, extra_args=("--chat-template", str(CHAT_TEMPLATE))) as srv:
         yield srv
 
 
@@ -129,7 +143,8 @@ SHARED = {
     "test_driver": "reference", "test_faults": "reference", "test_learner_group": "reference",
     # the session's vLLM server, teacher service and in-process vLLM teacher
     "test_external_vllm": "teachers", "test_teacher_generate": "teachers", "test_driver_remote": "teachers",
-    "test_teacher_numerics": "teachers", "test_teacher_service": "teachers",
+    "test_teacher_numerics": "teachers", "test_teacher_service": "teachers", "test_text_teacher": "teachers",
+    "test_teachers_run": "teachers",
 }
 FIRST = ["test_readme_commands", "teachers", "test_control_ray", "reference"]  # the longest, dispatched first
 # Modules whose tests share nothing and are each long: every test is a work unit of its own.

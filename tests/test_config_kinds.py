@@ -43,7 +43,7 @@ def _error(*overrides: str, path: Path | None = TOY) -> str:
 @pytest.mark.parametrize("override,says", [
     ("loss.beta=0.3", "loss.beta applies to loss.kind=jsd or gkd, not topk_reverse_kl"),
     ("loss.kl_coef=2", "loss.kl_coef applies to loss.kind=reverse_kl, not topk_reverse_kl"),
-    ("teacher.url=http://t:1", "teacher.url applies to teacher.kind=service or vllm or sglang, not local"),
+    ("teacher.url=http://t:1", "teacher.url applies to teacher.kind=service or vllm or sglang or openai, not local"),
     ("data.chat_template=t.jinja", "data.chat_template applies to data.task=dataset, not addition"),
     ("data.prompts_path=p.jsonl", "data.prompts_path applies to data.task=jsonl, not addition"),
 ])
@@ -55,7 +55,7 @@ def test_a_field_of_another_kind_is_refused_naming_its_kinds(override, says):
 
 def test_a_misspelt_field_lists_what_the_kind_takes():
     msg = _error("loss.normalise=token")
-    assert "loss.normalise: unknown field" in msg and "loss.kind=topk_reverse_kl takes: mask_truncated, normalize" in msg
+    assert "loss.normalise: unknown field" in msg and "loss.kind=topk_reverse_kl takes: hidden, mask_truncated, normalize" in msg
 
 
 def test_an_unknown_kind_lists_the_kinds():
@@ -81,7 +81,7 @@ def test_changing_a_kind_on_the_command_line_drops_the_files_fields_of_the_old_k
 def test_a_command_line_field_the_new_kind_lacks_is_an_error_whatever_its_place():
     for overrides in (["teacher.kind=service", "teacher.url=http://t:1", "teacher.backend=vllm"],
                       ["teacher.backend=vllm", "teacher.kind=service", "teacher.url=http://t:1"]):
-        assert "teacher.backend applies to teacher.kind=local, not service" in _error(*overrides)
+        assert "teacher.backend applies to teacher.kind=local or self, not service" in _error(*overrides)
 
 
 def test_without_a_kind_change_a_files_field_of_another_kind_is_an_error(tmp_path):
@@ -97,7 +97,7 @@ def test_a_dumped_config_changes_loss_kind_and_keeps_its_resolved_lr(tmp_path):
     dump_config(load_config(TOY, ["loss.kind=reverse_kl", "loss.kl_coef=2"]), tmp_path / "c.yaml")
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["loss"] == {
         "normalize": "token", "mask_truncated": False, "kind": "reverse_kl", "kl_coef": 2.0, "baseline": "whiten",
-        "gamma": 0.0, "ratio_max": 10.0}  # only the kind's own fields are written
+        "gamma": 0.0, "ratio_max": 10.0, "hidden": None}  # only the kind's own fields are written
     cfg = load_config(tmp_path / "c.yaml", ["loss.kind=gkd", "loss.lmbda=0.25"])
     assert cfg.loss.kind == "gkd" and cfg.loss.lmbda == 0.25 and cfg.optim.lr == ReverseKLLossConfig.default_lr
 
@@ -140,7 +140,9 @@ def test_cli_and_control_api_kind_lists_are_the_configs(monkeypatch):
     from onpolicy.teacher.factory import REMOTE_KINDS
     from services.control.schemas import AttachTeacher
 
-    assert list(TEACHER_KINDS.members) == ["local", *REMOTE_DIALECTS] and list(REMOTE_KINDS) == list(REMOTE_DIALECTS)
+    # besides the dialects: a managed teacher, a text-only endpoint and the frozen starting student (own fields)
+    assert list(TEACHER_KINDS.members) == ["local", *REMOTE_DIALECTS, "managed", "openai", "self"]
+    assert list(REMOTE_KINDS) == list(REMOTE_DIALECTS)
     assert all(issubclass(cls, RemoteTeacher) for cls in REMOTE_KINDS.values())
     assert AttachTeacher.model_json_schema()["properties"]["kind"]["enum"] == list(REMOTE_DIALECTS)
     # The CLI reads the table when it checks or shows a choice: a row added to it is a choice at once.

@@ -157,6 +157,8 @@ def test_compose_has_the_services_volumes_and_profiles_the_docs_promise():
         assert services[name]["shm_size"], name
         assert "container_name" not in services[name]  # would forbid --scale
     assert services["control"]["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    monitoring = [n for n, s in services.items() if "monitoring" in s.get("profiles", [])]
+    assert sorted(monitoring) == ["grafana", "prometheus"]
     gpu = [n for n, s in services.items() if "gpu" in s.get("profiles", [])]
     assert sorted(gpu) == ["ray-worker-gpu", "teacher-gpu"]
     for name in gpu:
@@ -201,7 +203,7 @@ def docker_compose(tmp_path: Path, env: dict[str, str], *args: str) -> subproces
                           env={**base, **env, "HOME": str(tmp_path)})
 
 
-@pytest.mark.parametrize("profile", [None, "gpu"])
+@pytest.mark.parametrize("profile", [None, "gpu", "monitoring"])
 def test_docker_compose_itself_loads_the_file(profile, tmp_path):
     profiles = ["--profile", profile] if profile else []
     res = docker_compose(tmp_path, fresh_secrets(), *profiles, "config", "-q")
@@ -674,3 +676,110 @@ def test_probes_ask_readiness_not_liveness():
               for c in doc["spec"]["template"]["spec"]["containers"]]
     assert probes and all(c["readinessProbe"]["httpGet"]["path"] == "/readyz" for c in probes)
     assert all(c["livenessProbe"]["httpGet"]["path"] == "/healthz" for c in probes)
+
+
+# ---- the monitoring profile: Prometheus + Grafana (deploy/monitoring) ----------------------------------
+MONITORING = REPO / "deploy" / "monitoring"
+GRAFANA_DASHBOARD = MONITORING / "grafana" / "dashboards" / "onpolicy.json"
+PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "table", "bargauge"}
+PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "le", "up", "without", "avg", "max", "min", "irate",
+                "increase", "count", "on", "ignoring", "offset"}
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the two services' /metrics can export: the control API's (rendered over an empty
+    database: its per-run gauges print their HELP/TYPE lines) and the teacher's registry."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.control.db import Store
+    from services.control.prom import render_metrics
+    from services.teacher.app import _Metrics
+
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_count", "_sum", "_created"],
+                "gauge": [""], "summary": ["_count", "_sum", "_created", ""]}
+    names = set()
+    for text in (render_metrics(Store("sqlite://"))[0], generate_latest(_Metrics().registry)):
+        for fam in text_string_to_metric_families(text.decode()):
+            names |= {fam.name + s for s in suffixes[fam.type]}
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (label values, label names in by (...) and functions aside)."""
+    expr = re.sub(r'"[^"]*"', '""', expr)  # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping labels
+    expr = re.sub(r"\[[^]]*\]", "", expr)  # ranges
+    idents = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
+    return {i for i in idents if i not in PROMQL_WORDS and not re.fullmatch(r"[0-9.e]+", i)} | (
+        {"up"} if re.search(r"\bup\b", expr) else set())
+
+
+def test_grafana_dashboard_structure_and_every_query_names_an_exported_metric():
+    dash = json.loads(GRAFANA_DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int) and dash["schemaVersion"] >= 30
+    ds = yaml.safe_load((MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uid = ds["datasources"][0]["uid"]
+    exported = exported_metric_names()
+    ids, read = set(), set()
+    for panel in dash["panels"]:
+        assert panel["type"] in PANEL_TYPES and panel["title"], panel
+        assert panel["id"] not in ids, f"panel id {panel['id']} twice"
+        ids.add(panel["id"])
+        g = panel["gridPos"]
+        assert all(isinstance(g[k], int) for k in "xywh") and 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), panel["title"]
+        for t in panel["targets"]:
+            names = metric_names(t["expr"])
+            assert names, t["expr"]
+            unknown = names - exported - {"up"}  # `up`: Prometheus's own, one per scrape target
+            assert not unknown, f"{panel['title']}: {t['expr']} reads {unknown}, which neither service exports"
+            read |= names
+    # the issue's list: requests, latency, queue, tokens scored, runs by status (and the control plane's gauges)
+    assert {"onpolicy_runs", "onpolicy_run_step", "teacher_requests_total", "teacher_request_seconds_bucket",
+            "teacher_queue_sequences", "teacher_tokens_scored_total"} <= read
+
+
+def test_metric_names_finds_the_metrics_of_a_query_and_nothing_else():
+    assert metric_names('histogram_quantile(0.95, sum by (le, endpoint) (rate(teacher_request_seconds_bucket[5m])))') \
+        == {"teacher_request_seconds_bucket"}
+    assert metric_names('up{job="onpolicy-teacher"}') == {"up"}
+    assert metric_names("rate(a_sum[5m]) / rate(b_count[5m])") == {"a_sum", "b_count"}
+    with pytest.raises(AssertionError):  # a misspelt metric fails the dashboard test
+        assert not metric_names("rate(teacher_tokens_scored[5m])") - exported_metric_names()
+
+
+def test_monitoring_profile_wires_prometheus_and_grafana_to_the_files_in_deploy():
+    services = compose_config()["services"]
+    prom, grafana = services["prometheus"], services["grafana"]
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in prom["volumes"] + grafana["volumes"]}
+    for target, source in mounts.items():
+        if source.startswith("./"):
+            assert (REPO / source).exists(), f"{target}: {source} is not in the repository"
+    config = yaml.safe_load((REPO / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    command = " ".join(argv(prom["command"])) if isinstance(prom["command"], str) else " ".join(prom["command"])
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert set(jobs) == {"onpolicy-control", "onpolicy-teacher"}
+    ports = {"control": 8000, "teacher": 8100, "teacher-1": 8100}
+    for job in jobs.values():
+        assert job["metrics_path"] == "/metrics"
+        # the bearer token comes from a file the command writes from the secrets, never from this file
+        assert job["authorization"]["credentials_file"] in command and "credentials" not in job["authorization"]
+        for target in job["static_configs"][0]["targets"]:
+            host, port = target.rsplit(":", 1)
+            assert host in services and ports[host] == int(port), target
+    assert prom["environment"]["ONPOLICY_API_TOKENS"] == services["control"]["environment"]["ONPOLICY_API_TOKENS"]
+    assert prom["environment"]["ONPOLICY_TEACHER_API_KEY"] == services["teacher"]["environment"][
+        "ONPOLICY_TEACHER_API_KEY"]
+    assert "ports" not in prom  # reached by Grafana inside the network only
+    assert [published(p) for p in grafana["ports"]] == [("127.0.0.1", 3000)]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer" and env["GF_AUTH_BASIC_ENABLED"] == "false"
+    provider = yaml.safe_load((MONITORING / "grafana" / "provisioning" / "dashboards" / "onpolicy.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards" in mounts
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == "/var/lib/grafana/dashboards/" + GRAFANA_DASHBOARD.name

@@ -11,12 +11,12 @@ import json
 import math
 
 import pytest
-from runs import EVAL_EVERY, FIXED, PROMPTS, STEPS, reference_cfg
 
 from onpolicy.driver import Run
 from onpolicy.learner.checkpoint import damage, step_dirs
 from onpolicy.metrics import read_metrics
 from onpolicy.status import read_status
+from tests.runs import EVAL_EVERY, FIXED, PROMPTS, STEPS, reference_cfg
 from tests.tolerances import FP32_KERNELS, assert_nested_close
 
 pytestmark = pytest.mark.slow

@@ -67,6 +67,7 @@ def test_check_passes_for_the_matching_student(vllm_url, tiny_model_dir):
         "tokenizer",
         "vocabulary",
         "eos",
+        "mode",
     ]
     with VLLMServerTeacher(vllm_url) as t:
         assert_compatible(t, tiny_model_dir)

@@ -16,11 +16,11 @@ import threading
 import time
 
 import pytest
-from runs import FIXED, PROMPTS, STEPS, reference_cfg
 
 from onpolicy.driver import Run
 from onpolicy.metrics import read_metrics
 from onpolicy.status import read_status
+from tests.runs import FIXED, PROMPTS, STEPS, reference_cfg
 from tests.tolerances import FP32_KERNELS, assert_nested_close
 
 pytestmark = pytest.mark.slow

@@ -137,3 +137,23 @@ def test_a_reason_shown_to_clients_quotes_no_data_values(api):
             assert value not in shown, shown
         events = api.get(f"/v1/runs/{rid}/events", params={"poll_s": 0.5}).text
         assert "tok-f00dbabe" not in events and "refresh_token" not in events
+
+
+def test_paths_in_a_list_of_sections_are_confined(api, tmp_path):
+    """`eval.retention` is a list of probe sets, each with a `data` section of its own: their paths are
+    confined like the run's own `data` (the walk descends into lists)."""
+    secret = tmp_path / "secrets.jsonl"  # outside the data root
+    secret.write_text('{"prompt": "1+1=", "answer": "2", "split": "heldout"}\n')
+    (api.data / "probe.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "split": "heldout"}\n')
+
+    def run(path: str):
+        return api.post("/v1/runs", json={"config": {"model": {"student": "student"}, "eval": {"retention": [
+            {"name": "kept", "data": {"task": "addition"}},
+            {"name": "probe", "data": {"task": "jsonl", "prompts_path": path}}]}}})
+
+    r = run(str(secret))
+    assert r.status_code == 422 and _paths(r) == {"eval.retention.data.prompts_path"}, r.text
+    ok = run("probe.jsonl")
+    assert ok.status_code == 201, ok.text
+    probes = api.control.store.get_run(ok.json()["id"]).config.eval.retention
+    assert probes[1].data.prompts_path == str((api.data / "probe.jsonl").resolve())

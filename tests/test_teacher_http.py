@@ -49,6 +49,12 @@ def same_scores(scores, batch) -> bool:
     ] == pytest.approx([v for i in batch for v in expected(i)])
 
 
+@pytest.fixture(params=["binary", "json"])
+def wire(request) -> dict:
+    """FAST, with the service client's wire format: every score test below runs in both forms."""
+    return {**FAST, "wire_format": request.param}
+
+
 @pytest.fixture
 def scripted():
     """(script, url): a scripted teacher service on a free port."""
@@ -142,10 +148,10 @@ def test_config_requires_url_for_remote_kinds_and_factory_builds_each():
 # Against real servers
 
 
-def test_scores_and_usage_counters(scripted):
-    _, url = scripted
+def test_scores_and_usage_counters(scripted, wire):
+    script, url = scripted
     batch = items(3)
-    with ServiceTeacher(url, **FAST) as t:
+    with ServiceTeacher(url, **wire) as t:
         out = t.score(batch)
         assert same_scores(out, batch)
         top = t.score(batch, top_k=3)
@@ -153,21 +159,33 @@ def test_scores_and_usage_counters(scripted):
         snap = t.usage()
     assert snap["requests"] == 2 and snap["retries"] == 0 and snap["failures"] == 0
     assert snap["tokens_scored"] == 2 * 15 and snap["latency_p50_s"] > 0 and snap["breaker"] == "closed"
+    assert script.formats == {wire["wire_format"]: 2}  # what went over the wire
 
 
-def test_large_batches_are_chunked_and_kept_in_order(scripted):
+def test_binary_client_reads_a_server_that_answers_json(scripted):
+    """A server that predates the binary form ignores the Accept header: the client reads its JSON."""
+    script, url = scripted
+    script.binary = False
+    batch = items(2)
+    with ServiceTeacher(url, **FAST) as t:
+        assert t.wire_format == "binary"
+        assert same_scores(t.score(batch), batch) and all(len(r) == 2 for s in t.score(batch, top_k=2) for r in s.top_k)
+    assert script.formats == {"json": 2}
+
+
+def test_large_batches_are_chunked_and_kept_in_order(scripted, wire):
     script, url = scripted
     batch = items(10)
-    with ServiceTeacher(url, batch_size=3, max_in_flight=2, **FAST) as t:
+    with ServiceTeacher(url, batch_size=3, max_in_flight=2, **wire) as t:
         out = t.score(batch)
     assert same_scores(out, batch)
     assert script.requests["score"] == 4
 
 
-def test_5xx_then_success_is_retried(scripted):
+def test_5xx_then_success_is_retried(scripted, wire):
     script, url = scripted
     script.actions.extend([("status", 500), ("status", 503)])
-    with ServiceTeacher(url, **FAST) as t:
+    with ServiceTeacher(url, **wire) as t:
         out = t.score(items(1))
         snap = t.usage()
     assert out[0].logprobs == pytest.approx(expected(items(1)[0]))
@@ -176,10 +194,10 @@ def test_5xx_then_success_is_retried(scripted):
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
-def test_4xx_is_not_retried(scripted, status):
+def test_4xx_is_not_retried(scripted, status, wire):
     script, url = scripted
     script.actions.append(("status", status))
-    with ServiceTeacher(url, **FAST) as t, pytest.raises(TeacherRequestError) as err:
+    with ServiceTeacher(url, **wire) as t, pytest.raises(TeacherRequestError) as err:
         t.score(items(1))
     assert script.requests["score"] == 1
     assert err.value.status == status and f"scripted {status}" in err.value.body
@@ -224,13 +242,20 @@ def test_slow_server_times_out_then_retry_succeeds(scripted):
         ("positive", "sequence 0, token 0: log-prob is 3.0"),
         ("missing", "scores.0.logprobs"),
         ("no_top_k", "sequence 0: asked for top-2, got no top_k"),
+        ("topk_out_of_vocab", "sequence 0, position 0: top-k token id 99999 is outside the vocabulary [0, 16)"),
     ],
 )
-def test_malformed_answers_name_the_problem(scripted, how, message):
+def test_malformed_answers_name_the_problem(scripted, how, message, wire):
+    """The same checks whichever form the answer came in (validate_scores runs on the decoded arrays)."""
     script, url = scripted
     script.actions.append(how)
-    with ServiceTeacher(url, **FAST) as t, pytest.raises(TeacherResponseError) as err:
-        t.score(items(2), top_k=2 if how == "no_top_k" else 0)
+    if how == "missing" and wire["wire_format"] == "binary":  # an array cannot lack a field: a truncated body
+        message = "malformed application/x-onpolicy-scores body (binary scores:"
+    with ServiceTeacher(url, **wire) as t, pytest.raises(TeacherResponseError) as err:
+        if how == "topk_out_of_vocab":
+            t.info()  # the vocabulary is known once the teacher has said it
+
+        t.score(items(2), top_k=2 if how in ("no_top_k", "topk_out_of_vocab") else 0)
     assert message in str(err.value) and url in str(err.value) and "service teacher" in str(err.value)
     assert script.requests["score"] == 1  # a malformed answer is not retried
 
@@ -366,7 +391,8 @@ def test_check_teacher_against_a_service(tiny_model_dir, tiny_teacher_dir):
     with ServerThread(make_scripted_teacher_app(Script(), info=good)) as srv:
         report = check_teacher(srv.url, "service", tiny_model_dir, top_k=4)
         assert report.ok, report.render()
-        assert [i.status for i in report.items] == ["pass"] * 5
+        assert [i.status for i in report.items] == ["pass"] * 6
+        assert report.items[-1].message.startswith("token-level: the student's tokenizer")  # the mode it gets
         too_many = check_teacher(srv.url, "service", tiny_model_dir, top_k=32)
         assert not too_many.ok and "serves at most 16" in too_many.render()
     bad = good.model_copy(update={"tokenizer_fingerprint": "f" * 64, "eos_token_ids": [3]})

@@ -1,5 +1,6 @@
 """Every way onpolicy scores a sequence gives transformers' numbers: the in-process vLLM teacher in its Ray
-actor, our teacher service (vLLM backend, over HTTP), and an external vLLM OpenAI server, each against the
+actor, our teacher service (vLLM backend, over HTTP, in its binary and its JSON form), and an external vLLM
+OpenAI server, each against the
 plain transformers teacher (`HFTeacher`, in padded batches of 5), sequence log-probs and top-k alike, within
 fp32 rounding of two kernel paths (tests/tolerances.py). The three engines are the session's (conftest.py).
 
@@ -45,8 +46,11 @@ def test_every_teacher_kind_scores_like_transformers(vllm_local_teacher, teacher
     hf = HFTeacher(tiny_teacher_dir, batch_size=5)  # several padded batches
     items = sequences()
     with ServiceTeacher(teacher_service.url, api_key=TEACHER_SERVICE_KEY) as service, \
+            ServiceTeacher(teacher_service.url, api_key=TEACHER_SERVICE_KEY, wire_format="json") as service_json, \
             VLLMServerTeacher(vllm_server.url, timeout_s=60) as server:
-        ways = {"in-process vLLM": vllm_local_teacher, "our service": service, "vLLM server": server}
+        assert service.wire_format == "binary"  # the default: top-k as arrays (types.encode_scores)
+        ways = {"in-process vLLM": vllm_local_teacher, "our service": service, "our service, JSON": service_json,
+                "vLLM server": server}
         for name, teacher in ways.items():
             assert isinstance(teacher, Teacher), name
         # The tokenizer-level description agrees where it is read from the model folder (a vLLM server's

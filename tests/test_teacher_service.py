@@ -22,7 +22,14 @@ from fastapi.testclient import TestClient
 from onpolicy.teacher.fingerprint import describe_model
 from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.toy.tokenizer import build_tokenizer
-from onpolicy.types import ScoreRequestItem, ScoreResponse, TeacherInfo, TeacherScores
+from onpolicy.types import (
+    SCORES_MEDIA_TYPE,
+    ScoreRequestItem,
+    ScoreResponse,
+    TeacherInfo,
+    TeacherScores,
+    decode_scores,
+)
 from services.teacher import ScoreBatcher, create_app
 from services.teacher.app import DEFAULT_MAX_BODY_BYTES, body_limit, queue_bound
 from services.teacher.batcher import MAX_RETRY_AFTER_S, estimate_retry_after_s
@@ -149,6 +156,19 @@ def test_top_k_returned(client, hf_teacher, items):
         assert len(s.top_k) == len(it.completion_ids)
         for row in s.top_k:
             assert len(row) == 3 and [lp for _, lp in row] == sorted((lp for _, lp in row), reverse=True)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_binary_scores_are_the_json_scores(client, hf_teacher, items, top_k):
+    """`Accept: application/x-onpolicy-scores` gets the same answer as arrays; without it, JSON."""
+    binary = client.post("/v1/score", json=body(items, top_k), headers={"Accept": f"{SCORES_MEDIA_TYPE}, */*;q=0.1"})
+    assert binary.status_code == 200 and binary.headers["content-type"] == SCORES_MEDIA_TYPE
+    plain = client.post("/v1/score", json=body(items, top_k), headers={"Accept": "application/json"})
+    assert plain.headers["content-type"] == "application/json"
+    got, ref = decode_scores(binary.content), ScoreResponse.model_validate(plain.json())
+    assert got == ref and got.scores == hf_teacher.score(items, top_k)  # float32 values: exact both ways
+    assert got.usage.tokens_scored == sum(len(it.completion_ids) for it in items)
+    assert len(binary.content) < len(plain.content) / 2
 
 
 def test_info_matches_describe_model(client, tiny_teacher_dir):
@@ -598,6 +618,9 @@ def test_real_server_with_vllm_auth_info_limits_and_metrics(teacher_service, hf_
     r = httpx.post(f"{url}/v1/score", json=body(items, top_k=3), headers=auth, timeout=60)
     assert r.status_code == 200, r.text
     assert len(ScoreResponse.model_validate(r.json()).scores) == len(items)
+    binary = httpx.post(f"{url}/v1/score", json=body(items, top_k=3), headers={**auth, "Accept": SCORES_MEDIA_TYPE},
+                        timeout=60)
+    assert decode_scores(binary.content).scores == ScoreResponse.model_validate(r.json()).scores
     # Max model length is 64 (the tiny model): the server says so instead of failing.
     long = ScoreRequestItem(prompt_ids=[1] * 60, completion_ids=[4] * 10)
     r = httpx.post(f"{url}/v1/score", json=body([long]), headers=auth, timeout=60)

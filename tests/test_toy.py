@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from onpolicy.toy import bpe_teacher
 from onpolicy.toy.build import ASSETS_DIR, build_toy_models, is_current
 from onpolicy.toy.models import SPECS, STUDENT, TEACHER, ToyModelSpec, greedy_accuracy
 from onpolicy.toy.task import AdditionTask
@@ -114,10 +115,12 @@ def test_build_uses_prebuilt_copy(tmp_path):
 
     lines: list[str] = []
     info = build_toy_models(tmp_path / "toy", log=lines.append)
-    assert sum("prebuilt copy" in line for line in lines) == 2
+    assert sum("prebuilt copy" in line for line in lines) == 3  # the teacher, the student, the BPE teacher
     for name in ("teacher", "student"):
         assert info[name]["spec_hash"] == SPECS[name].spec_hash()
         AutoModelForCausalLM.from_pretrained(tmp_path / "toy" / name)
+    assert info["teacher-bpe"]["spec_hash"] == bpe_teacher.spec_hash()  # the committed copy is current
+    AutoModelForCausalLM.from_pretrained(tmp_path / "toy" / "teacher-bpe")
 
 
 TINY = ToyModelSpec(
@@ -160,3 +163,18 @@ def test_build_caches_and_retrains_on_spec_change(tmp_path):
     lines.clear()
     build_toy_models(out, specs={"tiny": changed}, assets_dir=no_assets, force=True, log=lines.append)
     assert any("--force" in line for line in lines)
+
+
+def test_the_bpe_teacher_asset_is_current_solves_the_task_and_its_tokenizer_is_the_builders():
+    """The committed byte-level BPE teacher (cross-tokenizer distillation): its spec hash is the builder's, its
+    tokenizer is what the builder trains from the task's text, and it solves the held-out prompts in its tokens."""
+    from onpolicy.kit.build import is_current as kit_current
+    from onpolicy.teacher.fingerprint import load_tokenizer, tokenizer_fingerprint
+
+    folder = ASSETS_DIR / "teacher-bpe"
+    assert kit_current(folder, bpe_teacher.spec_hash())
+    committed = load_tokenizer(folder)
+    assert tokenizer_fingerprint(committed) == tokenizer_fingerprint(bpe_teacher.train_bpe_tokenizer())
+    assert len(committed) == bpe_teacher.VOCAB_SIZE
+    assert tokenizer_fingerprint(committed) != tokenizer_fingerprint(build_tokenizer())  # another tokenizer
+    assert bpe_teacher.greedy_accuracy(folder, AdditionTask().heldout(64)) >= 0.95

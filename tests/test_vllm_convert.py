@@ -106,7 +106,7 @@ def test_prompt_logprobs_to_scores_picks_completion_positions_and_sorts_top_k():
 
 def test_prompt_logprobs_to_scores_empty_completion():
     item = ScoreRequestItem(prompt_ids=[1], completion_ids=[])
-    assert prompt_logprobs_to_scores(item, None, top_k=3).model_dump() == {"logprobs": [], "top_k": []}
+    assert prompt_logprobs_to_scores(item, None, top_k=3).model_dump(exclude_none=True) == {"logprobs": [], "top_k": []}
 
 
 def test_derive_seed_differs_per_prompt_and_is_stable():

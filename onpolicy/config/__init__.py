@@ -23,6 +23,9 @@ from onpolicy.config.data import (
     DataConfig,
     DatasetDataConfig,
     JsonlDataConfig,
+    MixtureDataConfig,
+    SourceConfig,
+    WorkingDataConfig,
 )
 from onpolicy.config.load import (
     ConfigError,
@@ -37,6 +40,7 @@ from onpolicy.config.load import (
 from onpolicy.config.loss import (
     LOSS_KINDS,
     GKDLossConfig,
+    HiddenStateConfig,
     JSDLossConfig,
     LossBase,
     LossConfig,
@@ -56,25 +60,33 @@ from onpolicy.config.sections import (
     ModelConfig,
     OptimConfig,
     ResourcesConfig,
+    RetentionProbe,
     RolloutConfig,
     ScheduleConfig,
 )
 from onpolicy.config.teacher import (
     REMOTE_DIALECTS,
+    SELF,
     TEACHER_KINDS,
     Dialect,
+    EndpointTeacherBase,
     LocalTeacherConfig,
+    ManagedTeacherConfig,
     RemoteTeacherConfig,
+    SelfTeacherConfig,
     TeacherConfig,
+    TextTeacherConfig,
 )
 
 __all__ = [
-    "DATA_KINDS", "KINDED", "LOSS_KINDS", "REMOTE_DIALECTS", "TEACHER_KINDS",
-    "AdditionDataConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DatasetDataConfig", "Dialect",
-    "EvalConfig", "GKDLossConfig", "JSDLossConfig", "JsonlDataConfig", "Kinds", "LearnerConfig",
-    "LocalTeacherConfig", "LoggingConfig", "LoraConfig", "LossBase", "LossConfig", "ModelConfig", "OptimConfig",
-    "RemoteTeacherConfig", "ResourcesConfig", "ReverseKLLossConfig", "RolloutConfig", "RunConfig", "SFTLossConfig",
-    "Samples", "ScheduleConfig", "Section", "SoftTargetsLossConfig", "TeacherConfig", "TopKReverseKLLossConfig",
-    "apply_overrides", "config_error_items", "config_from_dict", "drop_inapplicable", "dump_config", "load_config",
+    "DATA_KINDS", "KINDED", "LOSS_KINDS", "REMOTE_DIALECTS", "SELF", "TEACHER_KINDS", "AdditionDataConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "DatasetDataConfig", "Dialect", "EndpointTeacherBase",
+    "EvalConfig", "GKDLossConfig", "HiddenStateConfig", "JSDLossConfig", "JsonlDataConfig", "Kinds",
+    "LearnerConfig", "LocalTeacherConfig", "LoggingConfig", "LoraConfig", "LossBase", "LossConfig",
+    "ManagedTeacherConfig", "MixtureDataConfig", "ModelConfig", "OptimConfig", "RemoteTeacherConfig",
+    "ResourcesConfig", "RetentionProbe", "ReverseKLLossConfig", "RolloutConfig", "RunConfig", "SFTLossConfig",
+    "Samples", "ScheduleConfig", "Section", "SelfTeacherConfig", "SoftTargetsLossConfig", "SourceConfig",
+    "TeacherConfig", "TextTeacherConfig", "TopKReverseKLLossConfig", "WorkingDataConfig", "apply_overrides",
+    "config_error_items", "config_from_dict", "drop_inapplicable", "dump_config", "load_config",
     "parse_override",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from onpolicy.config.base import Kinds, Section
 
@@ -37,7 +37,44 @@ class LossBase(Section):
     )
 
 
-class ReverseKLLossConfig(LossBase):
+class HiddenStateConfig(Section):
+    """A hidden-state term added to an on-policy loss (DistilBERT's cosine term; FitNets' projection where the
+    widths differ): docs/students.md. Needs a local teacher with `backend: hf` (it returns the hidden states)."""
+
+    weight: float = Field(1.0, gt=0.0, le=1000.0, description="Weight of the hidden-state term in the loss.")
+    layers: dict[int, int] = Field(
+        min_length=1, max_length=64,
+        description="Student layer -> teacher layer (0-based decoder blocks; the residual stream after the block), "
+        "e.g. {0: 1, 1: 3} for a student cut from every other layer of a 4-layer teacher.",
+    )
+    kind: Literal["cosine", "mse"] = Field(
+        "cosine", description="`cosine`: 1 - cos(W h_s, h_t) (DistilBERT); `mse`: mean squared error per channel "
+        "(FitNets)."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _non_negative(cls, layers: dict[int, int]) -> dict[int, int]:
+        bad = {s: t for s, t in layers.items() if s < 0 or t < 0}
+        if bad:
+            raise ValueError(f"loss.hidden.layers has negative layer indices {bad}: layers count from 0")
+        return layers
+
+    def student_layers(self) -> list[int]:
+        return sorted(self.layers)
+
+    def teacher_layers(self) -> list[int]:
+        """The teacher layers in the order of `student_layers()` (the order the teacher returns them in)."""
+        return [self.layers[s] for s in self.student_layers()]
+
+
+class _OnPolicyLoss(LossBase):
+    hidden: HiddenStateConfig | None = Field(
+        None, description="Add a hidden-state term on the student's samples (local `hf` teacher only; null: none)."
+    )
+
+
+class ReverseKLLossConfig(_OnPolicyLoss):
     """Sampled per-token reverse KL on the student's samples, with an importance ratio (DESIGN.md, the maths)."""
 
     # Policy-gradient steps: 1e-3 collapses it on the toy (docs/losses.md).
@@ -58,7 +95,7 @@ class ReverseKLLossConfig(LossBase):
     )
 
 
-class TopKReverseKLLossConfig(LossBase):
+class TopKReverseKLLossConfig(_OnPolicyLoss):
     needs_topk: ClassVar[bool] = True
 
     kind: Literal["topk_reverse_kl"] = Field(
@@ -68,7 +105,7 @@ class TopKReverseKLLossConfig(LossBase):
     )
 
 
-class JSDLossConfig(LossBase):
+class JSDLossConfig(_OnPolicyLoss):
     needs_topk: ClassVar[bool] = True
 
     kind: Literal["jsd"] = Field(
@@ -88,6 +125,14 @@ class GKDLossConfig(JSDLossConfig):
     lmbda: float = Field(
         0.5, ge=0.0, le=1.0, description="Probability that a batch is student-sampled (else teacher-sampled)."
     )
+
+    @field_validator("hidden")
+    @classmethod
+    def _no_hidden(cls, hidden: HiddenStateConfig | None) -> HiddenStateConfig | None:
+        if hidden is not None:  # its teacher-sampled batches come with no hidden states
+            raise ValueError("loss.hidden applies to losses on the student's own samples (reverse_kl, "
+                             "topk_reverse_kl, jsd), not gkd: its teacher-sampled batches carry no hidden states")
+        return hidden
 
 
 class SFTLossConfig(LossBase):

@@ -3,11 +3,12 @@ optimiser, schedule, evaluation, checkpoints, logging and resources."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from onpolicy.config.base import Section, path_marker
+from onpolicy.config.data import DATA_KINDS, DataConfig
 from onpolicy.config.loss import LOSS_KINDS
 
 
@@ -112,6 +113,12 @@ class OptimConfig(Section):
     loss_scaling: bool = Field(
         False, description="Dynamic loss scaling (torch GradScaler), which a float16 student needs."
     )
+    chunk_tokens: int = Field(
+        512, ge=0, le=1_048_576,
+        description="Completion positions whose logits exist at once: the head and the loss run over chunks "
+        "of this many, so memory follows chunk x vocabulary, not batch x length x vocabulary (0: the whole "
+        "micro-batch at every position at once, the unchunked path).",
+    )
 
 
 class ScheduleConfig(Section):
@@ -136,10 +143,62 @@ class ScheduleConfig(Section):
     )
 
 
+class RetentionProbe(Section):
+    """A skill the student has and the distillation data does not train, watched at every evaluation: exact match,
+    and reverse KL of the student to its *starting* self (a frozen copy of `model.student`)."""
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$",
+        description="Names the probe set in metrics (`retention_<name>_accuracy`, `retention_<name>_reverse_kl`).",
+    )
+    data: DataConfig = Field(
+        description="Where its prompts come from: any `data` source (a `task`); its held-out split is the probe set, "
+        "and every prompt needs an answer."
+    )
+    num_prompts: int = Field(128, ge=1, le=100_000, description="Probe prompts (the first of the held-out split).")
+    max_drop: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Flag the probe (report and summary.json) when its exact match ends more than this below where "
+        "it started.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_task(cls, data: Any) -> Any:
+        """A probe's `data` without `task` is of the default task, as the run's own `data` section is."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and "task" not in data["data"]:
+            data = {**data, "data": {"task": DATA_KINDS.default, **data["data"]}}
+        return data
+
+
 class EvalConfig(Section):
     every: int = Field(25, ge=0, le=1_000_000, description="Evaluate every N steps (0: only start/end).")
+    at: list[int] = Field(
+        [], max_length=10_000,
+        description="Also evaluate after these steps (bench/quality.py passes a geometric schedule, so the step "
+        "where a curve crosses a target is read to within a fixed ratio).",
+    )
     num_prompts: int = Field(256, ge=1, le=100_000, description="Held-out in-distribution prompts.")
-    ood_num_prompts: int = Field(128, ge=0, le=100_000, description="Held-out out-of-distribution prompts.")
+    ood_num_prompts: int = Field(
+        128, ge=0, le=100_000, description="Prompts of each out-of-distribution split (`ood`, and `unseen` if set)."
+    )
+    retention: list[RetentionProbe] = Field(
+        [], max_length=32, description="Skills the student must keep (see RetentionProbe); [] = none watched."
+    )
+
+    @model_validator(mode="after")
+    def _check_probes(self) -> EvalConfig:
+        names = [p.name for p in self.retention]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"eval.retention names {twice} more than once: give each probe set its own name")
+        if any(s < 1 for s in self.at):
+            raise ValueError(f"eval.at lists steps after which to evaluate, each >= 1 (got {sorted(self.at)[:3]})")
+        return self
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (just trained) is followed by an evaluation (besides the first and last)."""
+        return bool(self.every and step % self.every == 0) or step in self.at
 
 
 class CheckpointConfig(Section):

@@ -1,7 +1,9 @@
-"""The `teacher` section: a local model the run starts itself, or a remote endpoint in one of the dialects.
+"""The `teacher` section: a local model the run starts itself, a frozen copy of the starting student (`self`),
+a remote endpoint in one of the scoring dialects, or a text-only endpoint (`openai`: sequence-level KD).
 
 Each member takes only its own fields (a local teacher: model, backend, dtype, top_k), so
-`teacher.url` on a local teacher is an error naming the kinds it belongs to.
+`teacher.url` on a local teacher is an error naming the kinds it belongs to. Every member has a `name`: a run
+with several teachers lists them in `teachers:` and routes each data source to one by name (config/run.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ REMOTE_DIALECTS: dict[str, Dialect] = {
 }
 
 
+SELF = "self"  # the name (and kind) of the teacher that is a frozen copy of the starting student
+
+
 class _TeacherBase(Section):
+    name: str = Field(
+        "teacher", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+        description="The teacher's name: data sources name the teacher they go to (data.sources[].teacher), and "
+        "metrics of a run with several teachers carry it. `self` is the frozen copy of the starting student.",
+    )
     top_k: int = Field(
         0, ge=0, le=4096, description="Ask the teacher for its k most likely tokens per position (0: none)."
     )
@@ -55,13 +65,20 @@ class LocalTeacherConfig(_TeacherBase):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher dtype.")
 
 
-class RemoteTeacherConfig(_TeacherBase):
+class SelfTeacherConfig(_TeacherBase):
+    """A frozen copy of the student as the run starts (`model.student`), loaded like a local teacher: it keeps
+    what the student knew on the prompts routed to it while other teachers teach the rest (Thinking Machines'
+    continual-learning recipe)."""
+
+    kind: Literal["self"] = Field("self", description="`self`: a frozen copy of the starting student.")
+    backend: Literal["vllm", "hf"] = Field("hf", description="Local scoring engine (as for teacher.kind=local).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher dtype.")
+
+
+class EndpointTeacherBase(_TeacherBase):
     """A teacher behind HTTP: one URL, or the replicas of one teacher, reached through a robust client
     (retries with backoff, a circuit breaker, a bound on requests in flight)."""
 
-    kind: Literal[tuple(REMOTE_DIALECTS)] = Field(  # type: ignore[valid-type]  # the dialects above
-        description="The endpoint's dialect. " + "; ".join(f"`{k}`: {d.about}" for k, d in REMOTE_DIALECTS.items()),
-    )
     url: str | None = Field(None, description="Base URL of the teacher, e.g. http://teacher:8000.")
     urls: list[str] | None = Field(
         None, min_length=1, max_length=64,
@@ -101,7 +118,7 @@ class RemoteTeacherConfig(_TeacherBase):
     )
 
     @model_validator(mode="after")
-    def _check_urls(self) -> RemoteTeacherConfig:
+    def _check_urls(self) -> EndpointTeacherBase:
         if not self.url and not self.urls:
             raise ValueError(f"teacher.url (or teacher.urls) is required when teacher.kind={self.kind}")
         if self.urls and self.url:
@@ -122,5 +139,78 @@ class RemoteTeacherConfig(_TeacherBase):
         return list(self.urls) if self.urls else ([self.url] if self.url else [])
 
 
-TeacherConfig = Annotated[LocalTeacherConfig | RemoteTeacherConfig, Field(discriminator="kind")]
+class RemoteTeacherConfig(EndpointTeacherBase):
+    """An endpoint that scores token ids (per-token log-probs, top-k) and samples, in one of the dialects."""
+
+    kind: Literal[tuple(REMOTE_DIALECTS)] = Field(  # type: ignore[valid-type]  # the dialects above
+        description="The endpoint's dialect. " + "; ".join(f"`{k}`: {d.about}" for k, d in REMOTE_DIALECTS.items()),
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="A folder holding the teacher's own tokenizer (tokenizer.json and its config), when it is not "
+        "the student's: the run then re-tokenizes each completion's text with it and distills span-aligned "
+        "(docs/teachers.md). null: the teacher must use the student's tokenizer (checked when reached).",
+        json_schema_extra=path_marker("models"),
+    )
+
+
+class TextTeacherConfig(EndpointTeacherBase):
+    """An OpenAI-compatible endpoint that only returns text (a hosted model): it teaches by sequence-level KD,
+    cross-entropy on its samples re-tokenized for the student (loss.kind=sft)."""
+
+    kind: Literal["openai"] = Field(
+        "openai", description="`openai`: an OpenAI-compatible /v1/chat/completions or /v1/completions endpoint "
+        "that returns text only (sequence-level KD)."
+    )
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat",
+        description="`chat`: POST /v1/chat/completions with the prompt as messages (a plain-text prompt is one user "
+        "turn); `completions`: POST /v1/completions with the prompt text (plain-text data only).",
+    )
+    served_name: str | None = Field(
+        None, max_length=256, description="The `model` of each request (null: the first of GET /v1/models)."
+    )
+    price_prompt_per_mtok: float | None = Field(
+        None, ge=0.0, le=1e6, description="Price of a million prompt tokens, for the run's cost (null: not counted)."
+    )
+    price_completion_per_mtok: float | None = Field(
+        None, ge=0.0, le=1e6, description="Price of a million completion tokens, for the run's cost."
+    )
+
+    @model_validator(mode="after")
+    def _no_top_k(self) -> TextTeacherConfig:
+        if self.top_k:
+            raise ValueError("teacher.top_k: a text-only teacher (teacher.kind=openai) returns no log-probs: set "
+                             "teacher.top_k=0 and loss.kind=sft")
+        return self
+
+
+class ManagedTeacherConfig(_TeacherBase):
+    """A managed teacher: our scoring service deployed on the cluster's Ray Serve (`POST /v1/teachers`) and
+    shared by the runs that name it; reached through Serve's HTTP proxy with the remote client's retries."""
+
+    kind: Literal["managed"] = Field("managed", description="`managed`: a teacher deployed with POST /v1/teachers.")
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                    description="The managed teacher's id (GET /v1/teachers lists them).")
+    serve_url: str | None = Field(
+        None, pattern=r"^https?://",
+        description="Base URL of the cluster's Serve HTTP proxy (null: $ONPOLICY_SERVE_URL, else "
+        "http://127.0.0.1:8000, the proxy every node runs). The control API sets its own for REST runs.",
+    )
+    run_tag: str | None = Field(
+        None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="The name this run's usage and in-flight bound go under (null: host and process id). The "
+        "control API sets the run id.",
+    )
+    api_key_env: str | None = Field(None, description="Environment variable holding the teacher's bearer token.")
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Per-request timeout.")
+    max_retries: int = Field(
+        8, ge=0, le=100, description="Retries of a failed request (a replica lost mid-request, 429, 5xx).")
+    max_in_flight: int = Field(4, ge=1, le=1024, description="Most requests this run has in flight.")
+    max_wait_s: float = Field(600.0, gt=0.0, le=86400.0,
+                              description="How long a call waits for an unavailable teacher before the run fails.")
+
+
+TeacherConfig = Annotated[LocalTeacherConfig | RemoteTeacherConfig | ManagedTeacherConfig | TextTeacherConfig
+                          | SelfTeacherConfig, Field(discriminator="kind")]
 TEACHER_KINDS = Kinds.of("teacher", TeacherConfig, default="local")

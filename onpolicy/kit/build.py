@@ -87,3 +87,24 @@ def build_cached(dest: str | Path, name: str, build_hash: str, make: Callable[[P
 
         _replace(dest, fill)
     return read_build_info(dest)
+
+
+def build_task_models(out_dir: str | Path, specs: dict, assets_dir: Path, train_model: Callable, tokenizer: Callable,
+                      *, force: bool = False, log=print, label: str = "held-out exact match") -> dict[str, dict]:
+    """`build_cached` for each of an embedded task's model specs (name -> spec with `spec_hash()`): keep a
+    current `out_dir/<name>`, else copy `assets_dir/<name>`, else `train_model(spec, log=log)` -> (model, info)
+    and save it with `tokenizer()`. Returns each model's build.json contents."""
+    import dataclasses
+
+    results = {}
+    for name, spec in specs.items():
+
+        def make(folder: Path, spec=spec) -> dict:
+            model, info = train_model(spec, log=log)
+            save_model(model, tokenizer(), folder)
+            return {"spec": dataclasses.asdict(spec), **info}
+
+        results[name] = build_cached(Path(out_dir) / name, name, spec.spec_hash(), make, force=force,
+                                     prebuilt=assets_dir / name, log=log)
+        log(f"[{name}] {label} {results[name]['heldout_accuracy']:.3f}")
+    return results

@@ -50,6 +50,7 @@ class LearnBatch:
     topk_ids_BTK: torch.Tensor | None = None  # pad slots: id 0
     topk_logprobs_BTK: torch.Tensor | None = None  # pad slots: -inf
     topk_mask_BTK: torch.Tensor | None = None  # bool, True on real slots
+    teacher_hidden_BTLH: torch.Tensor | None = None  # loss.hidden: the teacher's mapped layers (0 off completions)
 
     @property
     def num_sequences(self) -> int:
@@ -83,6 +84,62 @@ class LearnBatch:
         )
 
 
+@dataclass
+class TokenBatch:
+    """A micro-batch's per-position tensors at N chosen positions (row-major order): the completion positions
+    for the chunked loss, or every position for the unchunked path. `weights_N` carries the normalisation
+    (the loss is sum_n w_n loss_n), `mask_N` marks real completion tokens (for metrics)."""
+
+    rows_N: torch.Tensor  # long: the row (sequence) of each position
+    cols_N: torch.Tensor  # long: its predicting position
+    targets_N: torch.Tensor
+    mask_N: torch.Tensor
+    weights_N: torch.Tensor
+    sampler_logprobs_N: torch.Tensor
+    teacher_logprobs_N: torch.Tensor
+    advantages_N: torch.Tensor | None = None
+    topk_ids_NK: torch.Tensor | None = None
+    topk_logprobs_NK: torch.Tensor | None = None
+    topk_mask_NK: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.rows_N.shape[0]
+
+    def part(self, sl: slice) -> TokenBatch:
+        return TokenBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[sl]
+                             for f in fields(self)})
+
+
+def token_batch(
+    batch: LearnBatch, normalize: str, normalizer: float, every_position: bool = False
+) -> TokenBatch:
+    """`batch`'s completion positions (or, with `every_position`, all B x T of them, masked ones weighing 0)
+    with per-position weights such that sum_n w_n v_n = `losses.masked_reduce(v, mask, normalize, normalizer)`:
+    token: w = m / normalizer; sequence: w = m / (tokens in its row x normalizer)."""
+    mask_BT = batch.mask_BT
+    if every_position:
+        B, T = mask_BT.shape
+        rows = torch.arange(B, device=mask_BT.device).repeat_interleave(T)
+        cols = torch.arange(T, device=mask_BT.device).repeat(B)
+    else:
+        rows, cols = mask_BT.nonzero(as_tuple=True)
+    mask_N = mask_BT[rows, cols].double()  # float64 weights: 1/normalizer is not rounded before the loss's dtype
+    if normalize == "token":
+        weights_N = mask_N / max(normalizer, 1.0)
+    elif normalize == "sequence":
+        per_row_B = mask_BT.double().sum(dim=1).clamp(min=1.0)
+        weights_N = mask_N / (per_row_B[rows] * max(normalizer, 1.0))
+    else:
+        raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
+
+    def at(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows, cols]
+
+    return TokenBatch(rows, cols, batch.target_ids_BT[rows, cols], mask_N, weights_N, at(batch.sampler_logprobs_BT),
+                      at(batch.teacher_logprobs_BT), at(batch.advantages_BT), at(batch.topk_ids_BTK),
+                      at(batch.topk_logprobs_BTK), at(batch.topk_mask_BTK))
+
+
 def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedSequences:
     """Concatenate prompt + completion per row and right-pad; see the module doc for alignment."""
     if len(prompts) != len(completions):
@@ -112,7 +169,7 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
 
 def build_batch(
     rollouts: list[Rollout], scores: list[TeacherScores], *, pad_id: int, with_topk: bool = False,
-    mask_truncated: bool = False,
+    mask_truncated: bool = False, with_hidden: bool = False,
 ) -> LearnBatch:
     """Pad rollouts + teacher scores into a `LearnBatch`. With `mask_truncated` (loss.mask_truncated), a
     completion cut at the length cap (`finish_reason` length) gets an all-zero mask: out of the loss, its
@@ -153,28 +210,41 @@ def build_batch(
         packed.input_ids_BT, packed.attention_mask_BT, packed.target_ids_BT, packed.mask_BT, sampler, teacher
     )
     if with_topk:
-        K = max((len(row) for s in scores for row in s.top_k), default=0)
-        K = max(K, 1)
+        K = max(max((s.top_k.k for s in scores), default=0), 1)
         ids = torch.zeros((B, T, K), dtype=torch.long)
         lps = torch.full((B, T, K), float("-inf"), dtype=torch.float32)
         valid = torch.zeros((B, T, K), dtype=torch.bool)
         for b, (r, s) in enumerate(zip(rollouts, scores)):
-            start = len(r.prompt_ids) - 1
-            widths = {len(row) for row in s.top_k}
-            if len(widths) == 1 and 0 not in widths:  # the usual case: one k for every row
-                pairs = torch.tensor(s.top_k, dtype=torch.float64)  # [C, k, 2]
-                n, k = pairs.shape[0], pairs.shape[1]
-                ids[b, start : start + n, :k] = pairs[..., 0].long()
-                lps[b, start : start + n, :k] = pairs[..., 1].float()
-                valid[b, start : start + n, :k] = True
-                continue
-            for t, row in enumerate(s.top_k):
-                for j, (tok, lp) in enumerate(row):
-                    ids[b, start + t, j] = tok
-                    lps[b, start + t, j] = lp
-                    valid[b, start + t, j] = True
+            start, n, k = len(r.prompt_ids) - 1, len(s.top_k), s.top_k.k
+            if n and k:  # the arrays as they came (TopK: -1 marks the padding of a short row)
+                tid = torch.tensor(s.top_k.ids, dtype=torch.long)
+                real = tid >= 0
+                ids[b, start : start + n, :k] = tid.clamp(min=0)
+                lps[b, start : start + n, :k] = torch.tensor(s.top_k.logprobs).masked_fill(~real, float("-inf"))
+                valid[b, start : start + n, :k] = real
         batch.topk_ids_BTK, batch.topk_logprobs_BTK, batch.topk_mask_BTK = ids, lps, valid
+    if with_hidden:
+        batch.teacher_hidden_BTLH = _hidden_tensor(rollouts, scores, B, T)
     return batch
+
+
+def _hidden_tensor(rollouts: list[Rollout], scores: list[TeacherScores], B: int, T: int) -> torch.Tensor:
+    """The teacher's hidden states [B, T, L, H] at the predicting positions (zeros elsewhere)."""
+    shape = None
+    for i, (r, s) in enumerate(zip(rollouts, scores)):
+        if s.hidden is None or len(s.hidden) != len(r.completion_ids):
+            got = "none" if s.hidden is None else f"{len(s.hidden)} positions"
+            raise ValueError(f"sequence {i}: loss.hidden needs the teacher's hidden states at each of its "
+                             f"{len(r.completion_ids)} completion tokens, got {got}")
+        if s.hidden:
+            shape = (len(s.hidden[0]), len(s.hidden[0][0]))
+    L, H = shape or (1, 1)
+    out = torch.zeros((B, T, L, H), dtype=torch.float32)
+    for b, (r, s) in enumerate(zip(rollouts, scores)):
+        if s.hidden:
+            start = len(r.prompt_ids) - 1
+            out[b, start : start + len(s.hidden)] = torch.tensor(s.hidden, dtype=torch.float32)
+    return out
 
 
 def split_micro_batches(batch: LearnBatch, micro_batch_size: int) -> list[LearnBatch]:

@@ -23,12 +23,15 @@ import torch
 
 from onpolicy.config import ReverseKLLossConfig, RunConfig
 from onpolicy.engines import collective
+from onpolicy.engines.hf_head import final_hidden, head_logprobs, output_head
 from onpolicy.learner import checkpoint as ckpt_files
 from onpolicy.learner import distributed as dist_lib
 from onpolicy.learner import lora as lora_lib
 from onpolicy.learner.batch import LearnBatch, build_batch, pack_sequences, split_micro_batches
+from onpolicy.learner.chunked import micro_batch_loss
+from onpolicy.learner.hidden import HiddenTerm, capture
 from onpolicy.learner.losses import sampled_kl_metrics, token_advantages
-from onpolicy.learner.objectives import LossInputs, get_objective
+from onpolicy.learner.objectives import get_objective
 from onpolicy.learner.schedule import lr_at
 from onpolicy.model_dir import require_model_dir
 from onpolicy.types import Rollout, ScoreRequestItem, TeacherScores, WeightUpdate
@@ -83,8 +86,13 @@ class Learner:
         self.pad_id = self._pad_id()
         o = cfg.optim
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # loss.hidden: its projections (if the widths differ) train with the student, and only the student is pushed
+        self.hidden = HiddenTerm.for_run(cfg, self.model)
+        if self.hidden is not None:
+            self.hidden.to(self.device)
+        self.optimized = self.trainable + ([] if self.hidden is None else list(self.hidden.parameters()))
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+            self.optimized, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if o.loss_scaling else None
         self.objective = get_objective(cfg.loss.kind)
@@ -103,12 +111,6 @@ class Learner:
 
     # ----- training -----------------------------------------------------------------------------
 
-    def _forward_logits(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Logits in float32 (the forward itself under autocast when the student is bf16/fp16)."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
-        return out.logits.float()
-
     def _set_lora_dropout(self, on: bool) -> None:
         """LoRA dropout acts only in the gradient forward; scoring and the ratio's log-probs never see it."""
         if self.lora is not None and self.lora.dropout > 0:
@@ -118,13 +120,17 @@ class Learner:
 
     def _micro_batch_loss(self, mb: LearnBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch divided by the WHOLE batch's normaliser, and the learner's
-        log-probs of the sampled tokens (detached, for metrics)."""
-        logits_BTV = self._forward_logits(mb.input_ids_BT, mb.attention_mask_BT)
-        logprobs_BT = (
-            torch.log_softmax(logits_BTV, dim=-1).gather(-1, mb.target_ids_BT.unsqueeze(-1)).squeeze(-1)
-        )
-        loss, _ = self.objective.fn(LossInputs(mb, logits_BTV, logprobs_BT), self.cfg.loss, normalizer)
-        return loss, logprobs_BT.detach()
+        log-probs of the sampled tokens (detached, for metrics); the head and the loss over chunks of
+        `optim.chunk_tokens` completion positions (chunked.py)."""
+        with capture(self.hidden, self.model) as student_states:
+            out = micro_batch_loss(self.model, mb, self.objective, self.cfg.loss, normalizer,
+                                   chunk_tokens=self.cfg.optim.chunk_tokens, autocast_dtype=self.autocast_dtype)
+        loss, logprobs_BT = out.loss, out.learner_logprobs_BT
+        if self.hidden is not None:
+            term = self.hidden.loss(student_states, mb.teacher_hidden_BTLH, mb.mask_BT, self._hidden_normalizer)
+            self._hidden_total += float(term.detach())
+            loss = loss + term
+        return loss, logprobs_BT
 
     def compute_gradients(self, rollouts: list[Rollout], scores: list[TeacherScores]) -> dict[str, float]:
         """Zero the gradients and accumulate the whole batch's loss gradient over micro-batches.
@@ -133,7 +139,8 @@ class Learner:
         summed gradient equals the gradient of the single-big-batch loss. Returns the loss and the
         sampled-token metrics; does not step the optimizer."""
         batch = build_batch(rollouts, scores, pad_id=self.pad_id, with_topk=self.objective.needs_topk,
-                            mask_truncated=self.cfg.loss.mask_truncated)
+                            mask_truncated=self.cfg.loss.mask_truncated, with_hidden=self.hidden is not None)
+        self._hidden_normalizer, self._hidden_total = float(max(batch.num_tokens, 1)), 0.0
         lc = self.cfg.loss
         if isinstance(lc, ReverseKLLossConfig):  # A_t with its baseline over the whole batch, not per micro-batch
             batch.advantages_BT = token_advantages(batch.sampler_logprobs_BT, batch.teacher_logprobs_BT,
@@ -170,6 +177,8 @@ class Learner:
         metrics = sampled_kl_metrics(learner_lp_BT, batch.sampler_logprobs_BT, batch.teacher_logprobs_BT,
                                      batch.mask_BT, **ratio_max)
         metrics["loss"] = float(total_loss)
+        if self.hidden is not None:  # the term unweighted, over the micro-batches this rank ran
+            metrics["hidden_loss"] = self._hidden_total / self.hidden.cfg.weight
         metrics["learn_tokens"] = float(batch.num_tokens)
         return metrics
 
@@ -181,7 +190,7 @@ class Learner:
         metrics = self.compute_gradients(rollouts, scores)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = dist_lib.full(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip))
+        grad_norm = dist_lib.full(torch.nn.utils.clip_grad_norm_(self.optimized, self.cfg.optim.grad_clip))
         lr = lr_at(self.step, self.cfg.optim, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -275,19 +284,15 @@ class Learner:
         packed = pack_sequences(
             [it.prompt_ids for it in items], [it.completion_ids for it in items], self.pad_id
         )
-        logits_BTV = self._forward_logits(
-            packed.input_ids_BT.to(self.device), packed.attention_mask_BT.to(self.device)
-        )
-        lp_BT = (
-            torch.log_softmax(logits_BTV, dim=-1)
-            .gather(-1, packed.target_ids_BT.to(self.device).unsqueeze(-1))
-            .squeeze(-1)
-            .cpu()
-        )
-        out = []
-        for b, (p_len, c_len) in enumerate(zip(packed.prompt_lens, packed.completion_lens)):
-            out.append(lp_BT[b, p_len - 1 : p_len - 1 + c_len].tolist())
-        return out
+        rows, cols = packed.mask_BT.nonzero(as_tuple=True)  # row-major: each sequence's tokens in order
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            hidden_BTH = final_hidden(self.model, packed.input_ids_BT.to(self.device),
+                                      packed.attention_mask_BT.to(self.device))
+        hidden_NH = hidden_BTH[rows.to(self.device), cols.to(self.device)]
+        lp_N, _, _ = head_logprobs(output_head(self.model), hidden_NH, packed.target_ids_BT[rows, cols],
+                                   chunk_tokens=self.cfg.optim.chunk_tokens, autocast_dtype=self.autocast_dtype)
+        lps, ends = lp_N.tolist(), [sum(packed.completion_lens[: b + 1]) for b in range(len(items))]
+        return [lps[end - n : end] for end, n in zip(ends, packed.completion_lens)]
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -348,6 +353,8 @@ class Learner:
             state = {
                 "step": self.step,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                # loss.hidden's projections: a training artefact, kept here and never in the exported student
+                "hidden": self.hidden.state_dict() if self.hidden is not None else {},
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -373,7 +380,7 @@ class Learner:
         decays = [g["weight_decay"] for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["lr"], g["weight_decay"] = 0.0, 0.0
-        for p in self.trainable:
+        for p in self.optimized:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -425,6 +432,8 @@ class Learner:
             self.model.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its params
             del loaded
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # tensors and plain data only
+        if self.hidden is not None and state.get("hidden"):
+            self.hidden.load_state_dict(state["hidden"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):

@@ -26,6 +26,11 @@ Normalize = Literal["token", "sequence"]
 LOG_ZERO = -1e4
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half types; float32 and float64 as they are (the float64 tests keep their precision)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def masked_reduce(
     values_BT: torch.Tensor,
     mask_BT: torch.Tensor,
@@ -160,15 +165,22 @@ def sampled_reverse_kl_loss(
     if advantages_BT is None:
         advantages_BT = token_advantages(sampler_logprobs_BT, teacher_logprobs_BT, mask_BT, kl_coef=kl_coef,
                                          gamma=gamma)
-    advantages_BT = advantages_BT.detach()
-    ratio_BT = torch.exp(learner_logprobs_BT - sampler_logprobs_BT.detach())
-    keep_BT = mask_BT * (ratio_BT.detach() <= ratio_max).to(mask_BT.dtype)
-    per_token_BT = -ratio_BT * advantages_BT * keep_BT
+    per_token_BT = sampled_reverse_kl(learner_logprobs_BT, sampler_logprobs_BT, advantages_BT, ratio_max)
     loss = masked_reduce(per_token_BT, mask_BT, normalize, normalizer)
     metrics = sampled_kl_metrics(
         learner_logprobs_BT, sampler_logprobs_BT, teacher_logprobs_BT, mask_BT, ratio_max
     )
     return loss, metrics
+
+
+def sampled_reverse_kl(
+    learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, advantages: torch.Tensor, ratio_max: float
+) -> torch.Tensor:
+    """Per token, any leading shape: -rho_t A_t [rho_t <= ratio_max], rho_t = exp(log pi - log q) (the masked
+    sum of it is `sampled_reverse_kl_loss`'s numerator)."""
+    ratio = torch.exp(learner_logprobs - sampler_logprobs.detach())
+    keep = (ratio.detach() <= ratio_max).to(ratio.dtype)
+    return -ratio * advantages.detach() * keep
 
 
 def bucketed_logprobs(
@@ -229,14 +241,23 @@ def _student_and_teacher_buckets(
     log-probs summing to 1) is set to zero too; otherwise forward KL would pair that noise with
     the student's exactly-empty tail."""
     student_BTN = bucketed_logprobs(
-        torch.log_softmax(learner_logits_BTV.float(), dim=-1), teacher_topk_ids_BTK, topk_mask_BTK
+        torch.log_softmax(upcast(learner_logits_BTV), dim=-1), teacher_topk_ids_BTK, topk_mask_BTK
     )
-    teacher_BTN = teacher_bucketed_logprobs(teacher_topk_logprobs_BTK.double(), topk_mask_BTK).float()
+    teacher_BTN = teacher_bucketed_logprobs(teacher_topk_logprobs_BTK.double(), topk_mask_BTK).to(student_BTN.dtype)
     empty_BT = student_BTN[..., -1].detach() <= LOG_ZERO
     teacher_BTN[..., -1] = torch.where(
         empty_BT, torch.full_like(teacher_BTN[..., -1], LOG_ZERO), teacher_BTN[..., -1]
     )
     return student_BTN, teacher_BTN
+
+
+def topk_reverse_kl(
+    learner_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+    topk_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per position, any leading shape: KL_t of `topk_reverse_kl_loss` (vocabulary on the last axis)."""
+    student, teacher = _student_and_teacher_buckets(learner_logits, topk_ids, topk_logprobs, topk_mask)
+    return _kl_buckets(student, teacher)
 
 
 def topk_reverse_kl_loss(
@@ -256,12 +277,25 @@ def topk_reverse_kl_loss(
         loss = masked mean of KL_t (token or sequence normalisation).
 
     Exact, fully differentiable in the learner's logits; with k = V it is the full KL(pi || p_T)."""
-    student_BTN, teacher_BTN = _student_and_teacher_buckets(
-        learner_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logprobs_BTK, topk_mask_BTK
-    )
-    kl_BT = _kl_buckets(student_BTN, teacher_BTN)
+    kl_BT = topk_reverse_kl(learner_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logprobs_BTK, topk_mask_BTK)
     loss = masked_reduce(kl_BT, mask_BT, normalize, normalizer)
     return loss, {"topk_kl": masked_reduce(kl_BT.detach(), mask_BT, "token").item()}
+
+
+def generalized_jsd(
+    learner_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, beta: float,
+    topk_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per position, any leading shape: JSD_beta of `generalized_jsd_loss`."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    student, teacher = _student_and_teacher_buckets(learner_logits, topk_ids, topk_logprobs, topk_mask)
+    if beta == 0.0:
+        return _kl_buckets(teacher, student)
+    if beta == 1.0:
+        return _kl_buckets(student, teacher)
+    mix = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl_buckets(teacher, mix) + (1.0 - beta) * _kl_buckets(student, mix)
 
 
 def generalized_jsd_loss(
@@ -282,20 +316,8 @@ def generalized_jsd_loss(
         beta = 0: exactly forward KL(p_T || pi);  beta = 1: exactly reverse KL(pi || p_T).
 
     The end points are special-cased (the formula itself tends to 0 there)."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    student_BTN, teacher_BTN = _student_and_teacher_buckets(
-        learner_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logprobs_BTK, topk_mask_BTK
-    )
-    if beta == 0.0:
-        jsd_BT = _kl_buckets(teacher_BTN, student_BTN)
-    elif beta == 1.0:
-        jsd_BT = _kl_buckets(student_BTN, teacher_BTN)
-    else:
-        mix_BTN = torch.logsumexp(
-            torch.stack([teacher_BTN + math.log(beta), student_BTN + math.log(1.0 - beta)]), dim=0
-        )
-        jsd_BT = beta * _kl_buckets(teacher_BTN, mix_BTN) + (1.0 - beta) * _kl_buckets(student_BTN, mix_BTN)
+    jsd_BT = generalized_jsd(learner_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logprobs_BTK, beta,
+                             topk_mask_BTK)
     loss = masked_reduce(jsd_BT, mask_BT, normalize, normalizer)
     return loss, {"jsd": masked_reduce(jsd_BT.detach(), mask_BT, "token").item()}
 
@@ -316,6 +338,22 @@ def sequence_kd_loss(
     nll_BT = -learner_logprobs_BT
     loss = masked_reduce(nll_BT, mask_BT, normalize, normalizer)
     return loss, {"nll": masked_reduce(nll_BT.detach(), mask_BT, "token").item()}
+
+
+def soft_target(
+    learner_logits: torch.Tensor, learner_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor, temperature: float, alpha: float, topk_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, any leading shape: (L_t of `soft_target_loss`, its soft term KL(p_T^(T) || pi^(T)))."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student = bucketed_logprobs(torch.log_softmax(upcast(learner_logits) / temperature, dim=-1), topk_ids, topk_mask)
+    teacher = teacher_bucketed_logprobs(topk_logprobs.double(), topk_mask)
+    empty = student[..., -1].detach() <= LOG_ZERO  # k = V: no tail on either side
+    teacher[..., -1] = torch.where(empty, torch.full_like(teacher[..., -1], LOG_ZERO), teacher[..., -1])
+    teacher = torch.log_softmax(teacher / temperature, dim=-1).clamp(min=LOG_ZERO).to(student.dtype)
+    soft = _kl_buckets(teacher, student)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * (-learner_logprobs), soft
 
 
 def soft_target_loss(
@@ -340,17 +378,8 @@ def soft_target_loss(
     both sides live on the same k + 1 buckets: the teacher's bucket n gets weight exp(log p_T,n / T)
     normalised over the buckets (its tail bucket is tempered as one outcome: exact when k = V, an
     approximation otherwise), the student's buckets are its full softmax(z / T) grouped the same way."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    student_BTN = bucketed_logprobs(
-        torch.log_softmax(learner_logits_BTV.float() / temperature, dim=-1), teacher_topk_ids_BTK, topk_mask_BTK
-    )
-    teacher_BTN = teacher_bucketed_logprobs(teacher_topk_logprobs_BTK.double(), topk_mask_BTK)
-    empty_BT = student_BTN[..., -1].detach() <= LOG_ZERO  # k = V: no tail on either side
-    teacher_BTN[..., -1] = torch.where(empty_BT, torch.full_like(teacher_BTN[..., -1], LOG_ZERO),
-                                       teacher_BTN[..., -1])
-    teacher_BTN = torch.log_softmax(teacher_BTN / temperature, dim=-1).clamp(min=LOG_ZERO).float()
-    soft_BT = _kl_buckets(teacher_BTN, student_BTN)
-    per_token_BT = alpha * temperature**2 * soft_BT + (1.0 - alpha) * (-learner_logprobs_BT)
+    per_token_BT, soft_BT = soft_target(learner_logits_BTV, learner_logprobs_BT,
+                                        teacher_topk_ids_BTK, teacher_topk_logprobs_BTK, temperature, alpha,
+                                        topk_mask_BTK)
     loss = masked_reduce(per_token_BT, mask_BT, normalize, normalizer)
     return loss, {"soft_kl": masked_reduce(soft_BT.detach(), mask_BT, "token").item()}

@@ -4,13 +4,14 @@ A loss is a member of the `loss` union (onpolicy/config/loss.py: its fields, def
 who samples) and one registration here, which takes those facts from the member of that kind:
 
     @register_objective("my_loss")
-    def my_loss(x: LossInputs, cfg: MyLossConfig, normalizer: float) -> tuple[Tensor, dict[str, float]]:
+    def my_loss(x: LossInputs, cfg: MyLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
         ...
 
-The learner computes the logits and the learner log-probs of the sampled tokens once per
-micro-batch and hands them over in `LossInputs`; the function returns (differentiable loss,
-plain-float metrics). `normalizer` is the WHOLE batch's token (or sequence) count, so gradients
-accumulated over micro-batches equal the gradient of the whole batch.
+A loss is a function of one position at a time: the learner hands it a chunk of N completion positions
+(`LossInputs`: their logits, the learner's log-probs of the sampled tokens, and the batch's per-position
+tensors) and it returns (differentiable per-position loss [N], per-position metrics [N], detached). The
+learner weighs and sums the positions (token or sequence normalisation over the WHOLE batch, see
+`batch.token_batch`), so the loss never needs more than one chunk's logits at once (`chunked.py`).
 """
 
 from __future__ import annotations
@@ -32,18 +33,18 @@ if TYPE_CHECKING:  # importing the registry costs nothing: the driver reads it w
         SoftTargetsLossConfig,
         TopKReverseKLLossConfig,
     )
-    from onpolicy.learner.batch import LearnBatch
+    from onpolicy.learner.batch import TokenBatch
 
 
 @dataclass(frozen=True)
 class LossInputs:
-    batch: LearnBatch  # one micro-batch, on the learner's device
-    logits_BTV: torch.Tensor  # float32 logits of the learner
-    learner_logprobs_BT: torch.Tensor  # log pi(target token), differentiable
+    tokens: TokenBatch  # one chunk of N positions (targets, sampler/teacher log-probs, advantages, top-k)
+    logits_NV: torch.Tensor  # the learner's logits there (float32; float64 when the model is)
+    learner_logprobs_N: torch.Tensor  # log pi(target token), differentiable
 
 
-# (inputs, the loss's config member, normalizer) -> (loss, metrics)
-LossFn = Callable[[LossInputs, Any, float], "tuple[torch.Tensor, dict[str, float]]"]
+# (inputs, the loss's config member) -> (per-position loss [N], per-position metrics [N])
+LossFn = Callable[[LossInputs, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 @dataclass(frozen=True)
@@ -79,57 +80,51 @@ def get_objective(name: str) -> Objective:
 
 
 @register_objective("reverse_kl")
-def _reverse_kl(x: LossInputs, cfg: ReverseKLLossConfig, normalizer: float):
-    from onpolicy.learner.losses import sampled_reverse_kl_loss
+def _reverse_kl(x: LossInputs, cfg: ReverseKLLossConfig):
+    from onpolicy.learner.losses import sampled_reverse_kl
 
-    b = x.batch
-    return sampled_reverse_kl_loss(
-        x.learner_logprobs_BT, b.sampler_logprobs_BT, b.teacher_logprobs_BT, b.mask_BT,
-        kl_coef=cfg.kl_coef, gamma=cfg.gamma, ratio_max=cfg.ratio_max, normalize=cfg.normalize,
-        normalizer=normalizer, advantages_BT=b.advantages_BT,
-    )
+    t = x.tokens
+    advantages = t.advantages_N
+    if advantages is None:  # the learner passes the whole batch's (discounted, with the baseline)
+        if cfg.gamma != 0.0 or cfg.baseline != "none":
+            raise ValueError("reverse_kl with gamma > 0 or a baseline needs the batch's advantages (token_advantages)")
+        advantages = -cfg.kl_coef * (t.sampler_logprobs_N - t.teacher_logprobs_N)
+    return sampled_reverse_kl(x.learner_logprobs_N, t.sampler_logprobs_N, advantages, cfg.ratio_max), {}
 
 
 @register_objective("topk_reverse_kl")
-def _topk_reverse_kl(x: LossInputs, cfg: TopKReverseKLLossConfig, normalizer: float):
-    from onpolicy.learner.losses import topk_reverse_kl_loss
+def _topk_reverse_kl(x: LossInputs, cfg: TopKReverseKLLossConfig):
+    from onpolicy.learner.losses import topk_reverse_kl
 
-    b = x.batch
-    return topk_reverse_kl_loss(
-        x.logits_BTV, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT, topk_mask_BTK=b.topk_mask_BTK,
-        normalize=cfg.normalize, normalizer=normalizer,
-    )
+    t = x.tokens
+    kl = topk_reverse_kl(x.logits_NV, t.topk_ids_NK, t.topk_logprobs_NK, t.topk_mask_NK)
+    return kl, {"topk_kl": kl.detach()}
 
 
 @register_objective("jsd")
 @register_objective("gkd")
-def _jsd(x: LossInputs, cfg: JSDLossConfig, normalizer: float):
-    from onpolicy.learner.losses import generalized_jsd_loss
+def _jsd(x: LossInputs, cfg: JSDLossConfig):
+    from onpolicy.learner.losses import generalized_jsd
 
-    b = x.batch
-    return generalized_jsd_loss(
-        x.logits_BTV, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT, cfg.beta, topk_mask_BTK=b.topk_mask_BTK,
-        normalize=cfg.normalize, normalizer=normalizer,
-    )
+    t = x.tokens
+    jsd = generalized_jsd(x.logits_NV, t.topk_ids_NK, t.topk_logprobs_NK, cfg.beta, t.topk_mask_NK)
+    return jsd, {"jsd": jsd.detach()}
 
 
 @register_objective("sft")
-def _sft(x: LossInputs, cfg: SFTLossConfig, normalizer: float):
-    from onpolicy.learner.losses import sequence_kd_loss
-
-    return sequence_kd_loss(x.learner_logprobs_BT, x.batch.mask_BT, normalize=cfg.normalize, normalizer=normalizer)
+def _sft(x: LossInputs, cfg: SFTLossConfig):
+    nll = -x.learner_logprobs_N
+    return nll, {"nll": nll.detach()}
 
 
 @register_objective("soft_targets")
-def _soft_targets(x: LossInputs, cfg: SoftTargetsLossConfig, normalizer: float):
-    from onpolicy.learner.losses import soft_target_loss
+def _soft_targets(x: LossInputs, cfg: SoftTargetsLossConfig):
+    from onpolicy.learner.losses import soft_target
 
-    b = x.batch
-    return soft_target_loss(
-        x.logits_BTV, x.learner_logprobs_BT, b.topk_ids_BTK, b.topk_logprobs_BTK, b.mask_BT,
-        temperature=cfg.temperature, alpha=cfg.alpha, topk_mask_BTK=b.topk_mask_BTK, normalize=cfg.normalize,
-        normalizer=normalizer,
-    )
+    t = x.tokens
+    per_token, soft = soft_target(x.logits_NV, x.learner_logprobs_N, t.topk_ids_NK, t.topk_logprobs_NK,
+                                  cfg.temperature, cfg.alpha, t.topk_mask_NK)
+    return per_token, {"soft_kl": soft.detach()}
 
 
 def student_samples(objective: Objective, lmbda: float, seed: int, step: int) -> bool:

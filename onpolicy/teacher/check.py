@@ -8,6 +8,11 @@ What is compared depends on what the dialect publishes (each adapter's `compatib
   from the student's whole vocabulary must give the student's ids; every student id must be a
   valid teacher id; each student EOS id must end generation on the teacher.
 - `sglang`: nothing to compare over its API: a warning says so.
+- `openai` (text only): reachable, and a probe prompt comes back as text; nothing to compare.
+
+The last item says which mode the teacher gets (`teacher/modes.py`): token-level when the tokenizers match,
+span-aligned when they differ and `--tokenizer DIR` names the teacher's own (it must be what the server serves,
+where the dialect can tell), sequence-level for a text-only endpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pydantic import BaseModel
 from onpolicy.teacher.clients.remote import RemoteTeacher
 from onpolicy.teacher.errors import TeacherError, TeacherRequestError, TeacherResponseError
 from onpolicy.teacher.factory import REMOTE_KINDS, remote_teacher
-from onpolicy.teacher.fingerprint import PROBE_TEXT, CheckStatus, load_tokenizer
+from onpolicy.teacher.fingerprint import PROBE_TEXT, CheckStatus, TeacherIncompatible, load_tokenizer
+from onpolicy.teacher.modes import MODE_NAMES, compare_tokenizers
 from onpolicy.types import ScoreRequestItem, check_top_k
 
 _MARK = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "skip": "SKIP"}
@@ -76,11 +82,16 @@ def check_teacher(
     top_k: int | None = None,
     timeout_s: float = 30.0,
     connect_to: dict[str, str] | None = None,
+    tokenizer: str | Path | None = None,
+    endpoint: str = "chat",
 ) -> CheckReport:
     """Run every check of teacher `url` (dialect `kind`) against the student in `student_dir`; `connect_to`
-    pins host names to addresses (see teacher/pinned.py)."""
+    pins host names to addresses (see teacher/pinned.py). `tokenizer`: the teacher's own tokenizer folder, when
+    it is not the student's (span-aligned); `endpoint`: a text-only teacher's (`chat` or `completions`)."""
     student_path = str(student_dir)
     report = CheckReport(url=url, kind=kind, student=student_path)
+    if kind == "openai":
+        return _check_text_only(report, url, endpoint, api_key, timeout_s, connect_to)
     try:
         tok = load_tokenizer(student_path)
     except (OSError, ValueError) as err:
@@ -91,8 +102,14 @@ def check_teacher(
         )
         return report
     if kind not in REMOTE_KINDS:
-        report.add("kind", "fail", f"unknown teacher kind {kind!r}: use one of {', '.join(REMOTE_KINDS)}")
+        report.add("kind", "fail", f"unknown teacher kind {kind!r}: use one of {', '.join(REMOTE_KINDS)}, openai")
         return report
+    if tokenizer is not None:  # the probes are in the teacher's own tokens
+        try:
+            tok = load_tokenizer(tokenizer)
+        except (OSError, ValueError) as err:
+            report.add("tokenizer", "fail", f"cannot load the teacher's tokenizer from --tokenizer {tokenizer}: {err}")
+            return report
     with remote_teacher(
         kind, url, api_key=api_key, timeout_s=timeout_s, max_wait_s=timeout_s, connect_to=connect_to,
         **CHECK_CLIENT,
@@ -121,10 +138,54 @@ def check_teacher(
             return report
         _check_scoring(report, teacher, tok, top_k)
         try:
-            for name, status, msg in teacher.compatibility(student_path):
-                report.add(name, status, msg)
+            if tokenizer is None:
+                for name, status, msg in teacher.compatibility(student_path):
+                    report.add(name, status, msg)
+            else:  # the server must serve the tokenizer named; the student's is another one
+                for name, status, msg in teacher.compatibility(tokenizer):
+                    report.add(f"{name} (vs --tokenizer)", status, msg)
         except (TeacherError, httpx.HTTPError) as err:
             report.add("tokenizer", "fail", f"could not compare tokenizers: {err}")
+        _add_mode(report, student_path, tokenizer)
+    return report
+
+
+def _add_mode(report: CheckReport, student_path: str, tokenizer: str | Path | None) -> None:
+    """The mode a run would give this teacher, and why (teacher/modes.py)."""
+    if not report.ok:
+        report.add("mode", "skip", "not decided: fix the FAIL items above")
+        return
+    if tokenizer is None:
+        report.add("mode", "pass", f"{MODE_NAMES['token']}: the student's tokenizer; per-token log-probs (and top-k)")
+        return
+    try:
+        mode, why = compare_tokenizers(student_path, tokenizer)
+    except TeacherIncompatible as err:
+        report.add("mode", "fail", str(err))
+        return
+    report.add("mode", "pass", f"{MODE_NAMES[mode]}: {why} (teacher.tokenizer={tokenizer})")
+
+
+def _check_text_only(report: CheckReport, url: str, endpoint: str, api_key: str | None, timeout_s: float,
+                     connect_to: dict[str, str] | None) -> CheckReport:
+    """A text-only endpoint: reachable, a probe prompt answered with text; sequence-level."""
+    from onpolicy.teacher.clients.openai_text import OpenAITextClient
+
+    client = OpenAITextClient(url, endpoint=endpoint, api_key=api_key, timeout_s=timeout_s, max_wait_s=timeout_s,
+                              connect_to=connect_to, **CHECK_CLIENT)
+    try:
+        report.add("reachable", "pass", f"{url} answers as an OpenAI-compatible endpoint serving "
+                   f"{client.model_name()!r}")
+        (probe,) = client.generate_text([PROBE_TEXT.split("=")[0] + "="], n=1, max_tokens=8, temperature=0.0)
+        report.add("text", "pass", f"/v1/{'chat/' if endpoint == 'chat' else ''}completions answers a probe prompt "
+                   f"with text ({probe.text!r}); no log-probs are asked for")
+        report.add("mode", "pass", f"{MODE_NAMES['sequence']}: text only; the student trains on its samples, "
+                   "re-tokenized (loss.kind=sft)")
+    except (TeacherError, httpx.HTTPError) as err:
+        report.add("reachable" if not report.items else "text", "fail",
+                   f"{err}. Is it an OpenAI-compatible endpoint (teacher.endpoint={endpoint})?")
+    finally:
+        client.close()
     return report
 
 

@@ -5,6 +5,7 @@ check all come through here, so nothing else branches on the kind.
 | kind      | what you get                                                                        |
 |-----------|-------------------------------------------------------------------------------------|
 | `local`   | the model folder in a Ray actor (`ActorTeacher`), or in this process (`in_process`) |
+| `managed` | our service on the cluster's Ray Serve (clients/managed.py), then as `service`      |
 | a dialect | the adapter its row of `REMOTE_DIALECTS` names (onpolicy/config/teacher.py): e.g.   |
 |           | `ServiceTeacher` (our scoring service), `VLLMServerTeacher`, `SGLangTeacher`        |
 
@@ -32,10 +33,11 @@ from onpolicy.teacher.clients.http import BreakerState
 from onpolicy.teacher.clients.pool import REPLICA_CLIENT, TeacherPool
 from onpolicy.teacher.clients.remote import RemoteTeacher
 from onpolicy.teacher.fingerprint import assert_compatible, check_compatible
+from onpolicy.teacher.modes import TeacherPlan, check_plan, compare_tokenizers
 from onpolicy.types import check_top_k
 
 if TYPE_CHECKING:
-    from onpolicy.config import ResourcesConfig, TeacherConfig
+    from onpolicy.config import LossBase, ResourcesConfig, TeacherConfig
 
 
 def _adapter(path: str) -> type[RemoteTeacher]:
@@ -63,6 +65,39 @@ def local_teacher_dir(tc: TeacherConfig) -> Path | None:
     return require_model_dir(tc.model, "teacher") if tc.kind == "local" else None
 
 
+def plan_teacher(tc: TeacherConfig, student_path: str | Path) -> TeacherPlan:
+    """The mode of teacher `tc` for the student in `student_path` (teacher/modes.py; folders are read, nothing is
+    started)."""
+    if tc.kind == "self":
+        return TeacherPlan(tc.name, tc.kind, "token", "a frozen copy of the starting student: its own tokenizer",
+                           model=str(student_path))
+    if tc.kind == "openai":
+        return TeacherPlan(tc.name, tc.kind, "sequence", "text only: sequence-level KD on its samples, re-tokenized "
+                           "for the student (loss.kind=sft)")
+    if tc.kind == "local":
+        folder = require_model_dir(tc.model, "teacher")
+        mode, why = compare_tokenizers(student_path, folder)
+        return TeacherPlan(tc.name, tc.kind, mode, why, tokenizer=str(folder) if mode == "span" else None,
+                           model=str(folder), local=True)
+    folder = getattr(tc, "tokenizer", None)
+    if folder:
+        mode, why = compare_tokenizers(student_path, require_model_dir(folder, "teacher tokenizer"))
+        return TeacherPlan(tc.name, tc.kind, mode, why + " (teacher.tokenizer; the server's is compared when reached)",
+                           tokenizer=str(folder) if mode == "span" else None)
+    return TeacherPlan(tc.name, tc.kind, "token", "scores the student's token ids (its tokenizer and EOS are compared "
+                       "with the student's when it is reached; set teacher.tokenizer to its own tokenizer's folder "
+                       "if it differs)")
+
+
+def plan_teachers(teachers: list[TeacherConfig], student_path: str | Path, loss: LossBase,
+                  chat: bool) -> list[TeacherPlan]:
+    """Every teacher's plan, each checked against the loss and the data (`modes.check_plan`)."""
+    plans = [plan_teacher(tc, student_path) for tc in teachers]
+    for plan in plans:
+        check_plan(plan, loss, chat)
+    return plans
+
+
 def api_key_from_env(var: str | None) -> str | None:
     """The bearer token held by environment variable `var` (None: no auth); the key never enters a config."""
     if not var:
@@ -74,6 +109,21 @@ def api_key_from_env(var: str | None) -> str | None:
             f"export it (the key is never written into the config)"
         )
     return key
+
+
+def endpoint_client_kwargs(tc: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(connection, retry) keyword arguments of `RobustClient` for an endpoint teacher section (the key is read
+    from the environment variable it names)."""
+    client_kw: dict[str, Any] = {
+        "api_key": api_key_from_env(tc.api_key_env), "timeout_s": tc.timeout_s,
+        "max_in_flight": tc.max_in_flight, "breaker_failures": tc.breaker_failures,
+        "breaker_cooldown_s": tc.breaker_cooldown_s, "connect_to": tc.connect_to,
+    }
+    retry_kw: dict[str, Any] = {
+        "max_retries": tc.max_retries, "backoff_base_s": tc.backoff_base_s, "backoff_max_s": tc.backoff_max_s,
+        "max_wait_s": tc.max_wait_s,
+    }
+    return client_kw, retry_kw
 
 
 def open_teacher(
@@ -88,6 +138,7 @@ def open_teacher(
     max_model_len: int | None = None,
     threads: int = 0,
     wait: bool = True,
+    hidden_layers: list[int] | None = None,
 ) -> Teacher:
     """The teacher `tc` describes, able to serve `tc.top_k`; checked against `student` when given.
 
@@ -95,9 +146,19 @@ def open_teacher(
     the teacher service does). `on_state_change` hears a remote teacher's breaker open and close;
     `on_fault` hears a local teacher actor restarted after its process died.
     `threads`: CPU threads of a local teacher actor (0: the library default).
+    `hidden_layers` (local `hf` kind only): the teacher layers whose hidden states come with each score
+    (`loss.hidden`); a remote teacher cannot return them and is refused.
     """
-    from onpolicy.config import ResourcesConfig
+    from onpolicy.config import LocalTeacherConfig, ResourcesConfig
 
+    if tc.kind == "self":  # a frozen copy of the starting student: a local teacher over its folder
+        if student is None:
+            raise ValueError("a `self` teacher is the starting student: open it with student=its folder")
+        tc = LocalTeacherConfig(name=tc.name, model=str(student), backend=tc.backend, dtype=tc.dtype, top_k=tc.top_k)
+    if tc.kind == "managed":  # our service on the cluster's Ray Serve: a remote teacher at its proxy route
+        from onpolicy.teacher.clients.managed import as_remote
+
+        tc = as_remote(tc)
     if tc.kind == "local":
         model = str(require_model_dir(tc.model, "teacher"))
         if student is not None:
@@ -107,6 +168,8 @@ def open_teacher(
             check_top_k(tc.top_k, vocab, f"teacher {model!r}")
         res = resources or ResourcesConfig()
         kwargs: dict[str, Any] = {"dtype": tc.dtype}
+        if hidden_layers:
+            kwargs["hidden_layers"] = list(hidden_layers)
         if tc.backend == "vllm":
             kwargs.update(
                 seed=seed,
@@ -125,15 +188,10 @@ def open_teacher(
             if not wait:
                 return teacher  # checked above from its folder; `info()` waits for the engine
     else:
-        client_kw: dict[str, Any] = {
-            "api_key": api_key_from_env(tc.api_key_env), "timeout_s": tc.timeout_s,
-            "max_in_flight": tc.max_in_flight, "breaker_failures": tc.breaker_failures,
-            "breaker_cooldown_s": tc.breaker_cooldown_s, "connect_to": tc.connect_to,
-        }
-        retry_kw: dict[str, Any] = {
-            "max_retries": tc.max_retries, "backoff_base_s": tc.backoff_base_s, "backoff_max_s": tc.backoff_max_s,
-            "max_wait_s": tc.max_wait_s,
-        }
+        if hidden_layers:
+            raise ValueError(f"loss.hidden needs the teacher's hidden states, and a remote teacher "
+                             f"(teacher.kind={tc.kind}) answers log-probs only: use a local teacher")
+        client_kw, retry_kw = endpoint_client_kwargs(tc)
         if tc.urls:  # replicas fail fast; the pool retries on another one and does the waiting
             replicas = [remote_teacher(tc.kind, url, **client_kw, **REPLICA_CLIENT) for url in tc.urls]
             teacher = TeacherPool(replicas, **retry_kw, max_in_flight=tc.max_in_flight,

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 from onpolicy.teacher.errors import TeacherResponseError
-from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherScores
+from onpolicy.types import GeneratedCompletion, ScoreRequestItem, TeacherScores, TopK
 
 # A log-prob a little above 0 is float noise; far above it is a bug (a logit, a probability).
 _LOGPROB_SLACK = 1e-3
@@ -50,21 +50,27 @@ def validate_scores(
                 raise TeacherResponseError(
                     f"{source}: sequence {seq}: expected top-k for {n} positions, got {len(sc.top_k)}"
                 )
-            for t, row in enumerate(sc.top_k):
-                if len(row) != top_k:
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: expected {top_k} top-k entries, got {len(row)}"
-                    )
-                if any(not math.isfinite(v) or v > _LOGPROB_SLACK for _, v in row):
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: top-k has a non-finite or positive log-prob"
-                    )
-                if vocab_size is not None and any(not 0 <= tok < vocab_size for tok, _ in row):
-                    bad = next(tok for tok, _ in row if not 0 <= tok < vocab_size)
-                    raise TeacherResponseError(
-                        f"{source}: sequence {seq}, position {t}: top-k token id {bad} is outside the "
-                        f"vocabulary [0, {vocab_size})"
-                    )
+            _check_top_k(f"{source}: sequence {seq}", sc.top_k, top_k, vocab_size)
+
+
+def _check_top_k(where: str, top: TopK, top_k: int, vocab_size: int | None) -> None:
+    """Every row has `top_k` entries (no padding), finite log-probs <= 0, ids inside the vocabulary: checked on
+    the arrays (whichever wire they came over), the first bad position named."""
+    import numpy as np
+
+    ids, lps = top.ids, top.logprobs
+    counts = (ids >= 0).sum(axis=1)  # entries per row (-1: padding of a row shorter than the widest)
+    if (counts != top_k).any():
+        t = int(np.argmax(counts != top_k))
+        raise TeacherResponseError(f"{where}, position {t}: expected {top_k} top-k entries, got {int(counts[t])}")
+    bad = (~np.isfinite(lps) | (lps > _LOGPROB_SLACK)) & (ids >= 0)
+    if bad.any():
+        t = int(np.argmax(bad.any(axis=1)))
+        raise TeacherResponseError(f"{where}, position {t}: top-k has a non-finite or positive log-prob")
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        t = int(np.argmax((ids >= vocab_size).any(axis=1)))
+        raise TeacherResponseError(f"{where}, position {t}: top-k token id {int(ids[t].max())} is outside the "
+                                   f"vocabulary [0, {vocab_size})")
 
 
 def validate_completions(

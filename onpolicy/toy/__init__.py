@@ -5,6 +5,11 @@ Kept import-light: nothing here imports torch or transformers until a model is b
 Entry points: `onpolicy.toy.build.build_toy_models`, `onpolicy.toy.models.greedy_accuracy`.
 """
 
+from pathlib import Path
+
 from onpolicy.toy.task import AdditionTask, Example, is_correct
 
-__all__ = ["AdditionTask", "Example", "is_correct"]
+# The toy models' chat template (a user turn is the prompt's text): for serving one behind a chat endpoint.
+CHAT_TEMPLATE = Path(__file__).parent / "chat_template.jinja"
+
+__all__ = ["CHAT_TEMPLATE", "AdditionTask", "Example", "is_correct"]

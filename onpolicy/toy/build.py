@@ -12,7 +12,6 @@ changing any of them makes both the cache and the committed assets stale, and th
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from onpolicy.kit import build as kit_build
@@ -26,28 +25,26 @@ def is_current(model_dir: str | Path, spec) -> bool:
 
 
 def build_toy_models(
-    out_dir: str | Path, force: bool = False, specs=None, assets_dir: Path | None = None, log=print
+    out_dir: str | Path, force: bool = False, specs=None, assets_dir: Path | None = None, log=print,
+    with_bpe_teacher: bool | None = None,
 ) -> dict[str, dict]:
-    """Make `out_dir/teacher` and `out_dir/student`; returns each model's build.json contents.
+    """Make `out_dir/teacher`, `out_dir/student` and `out_dir/teacher-bpe` (the teacher with a byte-level BPE
+    tokenizer, `toy/bpe_teacher.py`); returns each model's build.json contents.
 
     `specs` (name -> ToyModelSpec) and `assets_dir` default to the shipped ones; tests override
-    them. `force=True` retrains even when a cached build or a matching prebuilt copy exists.
+    them (and then get no BPE teacher unless `with_bpe_teacher`). `force=True` retrains even when a cached build
+    or a matching prebuilt copy exists.
     """
-    from onpolicy.toy.models import SPECS
+    with_bpe_teacher = specs is None if with_bpe_teacher is None else with_bpe_teacher
+    from onpolicy.toy.models import SPECS, shared_tokenizer, train_model
 
-    specs = SPECS if specs is None else specs
     assets_dir = ASSETS_DIR if assets_dir is None else Path(assets_dir)
-    results = {}
-    for name, spec in specs.items():
+    results = kit_build.build_task_models(out_dir, SPECS if specs is None else specs, assets_dir, train_model,
+                                          shared_tokenizer, force=force, log=log, label="heldout exact match")
+    if with_bpe_teacher:  # the teacher with another tokenizer (cross-tokenizer distillation, docs/teachers.md)
+        from onpolicy.toy import bpe_teacher
 
-        def make(folder: Path, spec=spec) -> dict:
-            from onpolicy.toy.models import shared_tokenizer, train_model
-
-            model, info = train_model(spec, log=log)
-            kit_build.save_model(model, shared_tokenizer(), folder)
-            return {"spec": dataclasses.asdict(spec), **info}
-
-        results[name] = kit_build.build_cached(Path(out_dir) / name, name, spec.spec_hash(), make, force=force,
-                                               prebuilt=assets_dir / name, log=log)
+        name = bpe_teacher.NAME
+        results[name] = bpe_teacher.build(Path(out_dir) / name, force=force, prebuilt=assets_dir / name, log=log)
         log(f"[{name}] heldout exact match {results[name]['heldout_accuracy']:.3f}")
     return results

@@ -62,6 +62,12 @@ class AdditionTask:
         rng = random.Random(seed)
         return [render(*_draw(rng, self.ood_digits, self.ood_digits)) for _ in range(n)]
 
+    def unseen(self, n: int, digits: int, seed: int = 3_000_003) -> list[Example]:
+        """`n` prompts with `digits`-digit operands: a length neither toy model learnt (5: the teacher knows 1-4).
+        (The length is an argument, not a field: the fields are part of the committed models' spec hash.)"""
+        rng = random.Random(seed)
+        return [render(*_draw(rng, digits, digits)) for _ in range(n)]
+
     def train_stream(self, seed: int, exclude: list[Example]) -> Iterator[Example]:
         """Endless training prompts, never one of `exclude` (the held-out set)."""
         rng = random.Random(seed)

@@ -119,4 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(runs_router)
     app.include_router(teachers_router)
+    from services.control.ui import mount_ui
+
+    mount_ui(app)  # the dashboard at /ui
     return app

@@ -29,7 +29,9 @@ class RunCaps:
         """PolicyError naming the first field over the server's limit, and the environment variable to raise it."""
         r = cfg.rollout
         step = r.prompts_per_step * r.samples_per_prompt * r.max_new_tokens
-        evals = (cfg.eval.num_prompts + cfg.eval.ood_num_prompts) * r.max_new_tokens
+        ood_splits = 1 + (getattr(cfg.data, "unseen_digits", None) is not None)  # `ood`, and `unseen` if set
+        probes = sum(p.num_prompts for p in cfg.eval.retention)
+        evals = (cfg.eval.num_prompts + ood_splits * cfg.eval.ood_num_prompts + probes) * r.max_new_tokens
         for where, value, cap, env in (
             ("rollout.num_workers", r.num_workers, self.max_rollout_workers, "ONPOLICY_MAX_ROLLOUT_WORKERS"),
             ("learner.num_ranks", cfg.learner.num_ranks, self.max_learner_ranks, "ONPOLICY_MAX_LEARNER_RANKS"),
@@ -42,7 +44,8 @@ class RunCaps:
         ):
             if value > cap:
                 what = {"rollout.prompts_per_step": "prompts_per_step x samples_per_prompt x max_new_tokens = ",
-                        "eval.num_prompts": "(eval.num_prompts + eval.ood_num_prompts) x max_new_tokens = "}
+                        "eval.num_prompts": "(eval.num_prompts + eval.ood_num_prompts per OOD split + the "
+                                            "eval.retention probes' prompts) x max_new_tokens = "}
                 raise PolicyError(where, f"{where}: {what.get(where, '')}{value} is above this server's limit of "
                                          f"{cap} for a run started over the API; ask for less, or the operator can "
                                          f"raise {env}")

@@ -16,10 +16,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from onpolicy.config import TEACHER_KINDS, RemoteTeacherConfig, RunConfig, config_error_items
+from onpolicy.config import (
+    TEACHER_KINDS,
+    EndpointTeacherBase,
+    ManagedTeacherConfig,
+    RunConfig,
+    config_error_items,
+)
 from onpolicy.status import ACTIVE, RESUMABLE, TERMINAL, RunStatus
 from services.control.db import RunRecord, Store, new_id
 from services.control.launcher import Launcher, RayLauncher
+from services.control.managed_teachers import ServeSettings
 from services.control.policy import PolicyError, path_fields
 from services.control.reconciler import Reconciler
 from services.control.scheduler import Scheduler
@@ -51,6 +58,11 @@ def policy_errors(prefix: tuple[str, ...]) -> Iterator[None]:
                               "type": "policy"}]) from None
 
 
+def _items(value: object) -> list:
+    """A config section as a list of sections: none, itself, or a list's items."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
 class Control:
     """Settings, the store, the launcher and the scheduler of one API process."""
 
@@ -69,21 +81,24 @@ class Control:
         p = self.policy
         for where, kind in path_fields(RunConfig):
             *sections, name = where.split(".")
-            node = cfg
-            for section in sections:
-                node = getattr(node, section)
-                if node is None:
-                    break
-            # a field of another kind than the section's (teacher.model of a remote teacher) is absent
-            if node is not None and name in type(node).model_fields and getattr(node, name) is not None:
-                setattr(node, name, p.confine_field(getattr(node, name), kind, where, self.settings.runs_root))
-        if isinstance(cfg.teacher, RemoteTeacherConfig):  # a local teacher has no URL or key to vet
-            self._vet_teacher(cfg.teacher)
+            nodes: list = [cfg]
+            for section in sections:  # a list of sections (eval.retention's probes): each of its items; a
+                # section another kind has (data.sources of a mixture, on a dataset's data) is absent
+                nodes = [c for n in nodes for c in _items(getattr(n, section, None))]
+            for node in nodes:
+                # a field of another kind than the section's (teacher.model of a remote teacher) is absent
+                if name in type(node).model_fields and getattr(node, name) is not None:
+                    setattr(node, name, p.confine_field(getattr(node, name), kind, where, self.settings.runs_root))
+        for tc in cfg.teacher_list():  # the one `teacher`, or each of `teachers`
+            if isinstance(tc, EndpointTeacherBase):  # a local teacher has no URL or key to vet
+                self._vet_teacher(tc)
+            if isinstance(tc, ManagedTeacherConfig):
+                self._vet_managed(tc)
         caps = self.settings.run_caps()
         caps.check(cfg)
         caps.apply_minimums(cfg)
 
-    def _vet_teacher(self, tc: RemoteTeacherConfig) -> None:
+    def _vet_teacher(self, tc: EndpointTeacherBase) -> None:
         p = self.policy
         p.check_key_env(tc.api_key_env, "teacher.api_key_env")
         pins: dict[str, str] = {}
@@ -100,6 +115,15 @@ class Control:
         elif tc.urls:
             tc.urls = vetted
         tc.connect_to = pins or None  # never the client's: only addresses vetted here
+
+    def _vet_managed(self, tc: ManagedTeacherConfig) -> None:
+        """A managed teacher this server deployed, reached at this server's Serve proxy (never the client's URL)."""
+        t = self.store.get_teacher(tc.id)
+        if t is None or t.kind != "managed":
+            raise PolicyError("teacher.id", f"no managed teacher with id {tc.id!r} (GET /v1/teachers lists them; "
+                              "POST /v1/teachers with a model deploys one)")
+        self.policy.check_key_env(tc.api_key_env, "teacher.api_key_env")
+        tc.serve_url = ServeSettings.from_env().url
 
     # ---- runs ------------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord:
@@ -123,7 +147,10 @@ class Control:
                                       "msg": f"no attached teacher with id {teacher_id!r} (see GET /v1/teachers)"}])
             section = data.get("teacher")
             section = dict(section) if isinstance(section, dict) else {}
-            section.update(kind=t.kind, url=t.url, api_key_env=t.api_key_env, urls=None)  # the attached one only
+            if t.kind == "managed":
+                section.update(kind="managed", id=t.id, api_key_env=t.api_key_env)
+            else:
+                section.update(kind=t.kind, url=t.url, api_key_env=t.api_key_env, urls=None)  # the attached one only
             # as when a command line changes the kind: the section's fields the attached kind lacks are dropped
             data["teacher"] = TEACHER_KINDS.keep_applicable(section)
         try:
@@ -132,6 +159,8 @@ class Control:
             raise ApiError(422, config_errors(err)) from None
         with policy_errors(prefix=("body", "config")):
             self.apply_policy(cfg)
+        if isinstance(cfg.teacher, ManagedTeacherConfig):
+            cfg.teacher.run_tag = run_id  # its usage and in-flight bound at the teacher go under the run's id
         now = time.time()
         rec = RunRecord(id=run_id, name=cfg.name, status=RunStatus.QUEUED, reason="queued: waiting for the scheduler",
                         step=0, config_json=json.dumps(cfg.model_dump(mode="json")), output_dir=str(out),

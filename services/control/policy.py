@@ -53,9 +53,18 @@ def path_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str,
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if "path" in extra:
             yield f"{prefix}{name}", str(extra["path"])
-        for arg in (info.annotation, *typing.get_args(info.annotation)):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                yield from path_fields(arg, f"{prefix}{name}.")
+        for arg in _models_in(info.annotation):
+            yield from path_fields(arg, f"{prefix}{name}.")
+
+
+def _models_in(annotation: object) -> Iterator[type[BaseModel]]:
+    """The config models an annotation holds, however deep: a union's members, a list's items (`teachers`: a
+    list of a union by kind), an optional's."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
 
 
 @dataclass

@@ -106,6 +106,47 @@ class AttachTeacher(_Body):
                                 "Without it only reachability is checked.")
 
 
+class Replicas(_Body):
+    min: int = Field(1, ge=1, le=64, description="Replicas kept when idle.")
+    max: int = Field(1, ge=1, le=64, description="Most replicas under load (Serve adds them by ongoing requests).")
+
+
+class DeployTeacher(_Body):
+    """A managed teacher: our scoring service deployed on the cluster's Ray Serve, shared by the runs that name
+    it (`teacher_id` in POST /v1/runs, or `teacher: {kind: managed, id: ...}` in a config)."""
+
+    model: str = Field(min_length=1, max_length=4096, description="Teacher model folder (under the models root).")
+    backend: Literal["vllm", "hf"] = Field("hf", description="Scoring engine of each replica.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    max_top_k: int = Field(256, ge=1, le=4096, description="Most top-k entries per position a request may ask for.")
+    replicas: Replicas = Field(default_factory=Replicas)
+    num_cpus: float = Field(1.0, gt=0.0, le=256.0, description="CPUs per replica (Ray resources).")
+    num_gpus: float = Field(0.0, ge=0.0, le=16.0, description="GPUs per replica (Ray resources).")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0.0, le=1024.0, description="Serve autoscaling: ongoing requests per replica it aims for.")
+    per_run_in_flight: int = Field(
+        8, ge=1, le=1024, description="Most requests one run has in flight on a replica (beyond: 429, retried).")
+    upscale_delay_s: float = Field(10.0, ge=0.0, le=3600.0, description="Load held this long before a replica is added.")
+    downscale_delay_s: float = Field(60.0, ge=0.0, le=3600.0, description="Idle this long before one is removed.")
+    api_key_env: str | None = Field(None, min_length=1, max_length=128,
+                                    description="Env var on the cluster's nodes holding the bearer token replicas "
+                                    "require (runs name the same one); null: the proxy is cluster-internal.")
+
+
+class ManagedView(BaseModel):
+    status: str = Field(description="Serve's application status: DEPLOYING, RUNNING, UNHEALTHY, DELETING, ...")
+    message: str = ""
+    replicas: dict[str, int] = Field(description="Replicas by Serve state (RUNNING, STARTING, STOPPING, ...).")
+    replicas_min: int
+    replicas_max: int
+    in_flight: int = Field(description="Requests in the replicas now (as they last reported).")
+    queued_sequences: int = Field(description="Sequences waiting for an engine, summed over replicas.")
+    runs: dict[str, dict[str, float]] = Field(
+        description="Per run (its run id, or host-pid outside the control plane): requests, tokens_scored, "
+        "refused (429s of the per-run bound), seconds (summed latency), mean_latency_s, max_in_flight, last_seen.")
+    spec: dict[str, Any]
+
+
 class CheckItemView(BaseModel):
     name: str
     status: str
@@ -122,6 +163,7 @@ class TeacherView(BaseModel):
     checks: list[CheckItemView]
     report: str
     created: float
+    managed: ManagedView | None = Field(None, description="Kind `managed` only: replicas, load and usage.")
 
 
 class TeacherList(BaseModel):

@@ -6,7 +6,9 @@ Each `POST /v1/score` pops the next action from `script.actions` (then `script.d
 - ("sleep", seconds): answer correctly after a delay (a slow teacher).
 - "short" | "nan" | "missing" | "no_top_k" | "positive" | "topk_out_of_vocab": a broken body of that kind.
 The server counts requests (`script.requests`) and correct answers per batch (`script.scored`),
-so tests can check "retried" and "scored exactly once" from the server's side.
+so tests can check "retried" and "scored exactly once" from the server's side. A request that accepts
+`application/x-onpolicy-scores` gets the answer in that binary form (broken the same way; "missing" is a
+truncated body there) unless `script.binary` is False (a server that predates it: JSON always).
 
 Each `POST /v1/generate` pops the next action the same way: "ok" (n completions per prompt, EOS-ended,
 log-probs from `fake_logprob`), ("status", code), ("sleep", seconds), or a broken body: "short" |
@@ -26,7 +28,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from onpolicy.types import GenerateRequest, ScoreRequest, TeacherInfo
+from onpolicy.types import (
+    SCORES_MEDIA_TYPE,
+    GenerateRequest,
+    ScoreRequest,
+    ScoreResponse,
+    TeacherInfo,
+    accepts_binary_scores,
+    encode_scores,
+)
 
 BROKEN_GENERATE = ("short", "nan", "positive", "missing", "few", "unordered", "out_of_vocab", "too_long",
                    "bad_finish")
@@ -42,6 +52,8 @@ class Script:
         self.default = default
         self.requests: Counter[str] = Counter()
         self.scored: Counter[tuple] = Counter()
+        self.binary = True  # answer the binary scores form when asked for it
+        self.formats: Counter[str] = Counter()  # the form each score answer went out in
         self._lock = threading.Lock()
 
     def next(self) -> Any:
@@ -80,6 +92,17 @@ def _break(body: dict[str, Any], how: str) -> dict[str, Any]:
     elif how == "topk_out_of_vocab":
         s0["top_k"][0][0][0] = 99_999
     return body
+
+
+def _binary(body: dict[str, Any], action: Any) -> bytes:
+    """The (possibly broken) answer in the binary scores form."""
+    if action == "missing":  # nothing to leave out of an array: a body cut short instead
+        body["scores"][0]["logprobs"] = []
+        return encode_scores(ScoreResponse.model_validate(body))[:-5]
+    if action == "no_top_k":  # the form carries top-k for all sequences or none
+        for sc in body["scores"]:
+            sc["top_k"] = None
+    return encode_scores(ScoreResponse.model_validate(body))
 
 
 def _generated(req: GenerateRequest, eos: int) -> dict[str, Any]:
@@ -162,6 +185,10 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
         else:
             key = tuple((tuple(s.prompt_ids), tuple(s.completion_ids)) for s in req.sequences)
             script.scored[key] += 1
+        if script.binary and accepts_binary_scores(request.headers.get("accept")):
+            script.formats["binary"] += 1
+            return Response(_binary(body, action), media_type=SCORES_MEDIA_TYPE)
+        script.formats["json"] += 1
         # json.dumps, not JSONResponse: the "nan" case must reach the client as a NaN literal.
         return Response(json.dumps(body, allow_nan=True), media_type="application/json")
 

@@ -294,6 +294,11 @@ class RobustClient:
     def post_json(self, path: str, body: Any) -> Any:
         return self.request_json("POST", path, body)
 
+    def post_raw(self, path: str, body: Any, accept: str) -> httpx.Response:
+        """POST a JSON body asking for `accept`; the successful response as it came (the caller decodes it by
+        its content type), with the same retries and breaker as `request_json`."""
+        return self.request_json("POST", path, body, accept=accept)
+
     def _wait_for_breaker(self, waiting_since: float | None, path: str, last_error: str) -> float | None:
         """Block until the breaker lets a request through; returns when this call started waiting."""
         while not self.breaker.allow():
@@ -310,8 +315,9 @@ class RobustClient:
             time.sleep(max(0.005, min(self.breaker.seconds_until_probe() or 0.02, 0.25, left)))
         return waiting_since
 
-    def request_json(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request, retrying transient failures; return the decoded JSON body."""
+    def request_json(self, method: str, path: str, body: Any = None, accept: str | None = None) -> Any:
+        """Send one request, retrying transient failures; return the decoded JSON body (with `accept`: the
+        `httpx.Response` itself, sent with that `Accept` header)."""
         attempt = 0  # retries spent while the breaker was closed
         waiting_since: float | None = None
         last_error = "none"
@@ -325,7 +331,8 @@ class RobustClient:
             t0 = time.monotonic()
             try:
                 with self._slots:
-                    resp = self._http.request(method, path, json=body)
+                    resp = self._http.request(method, path, json=body,
+                                              headers=None if accept is None else {"Accept": accept})
             except httpx.TimeoutException as err:
                 last_error = f"timed out after {self.timeout_s}s ({type(err).__name__})"
             except httpx.RequestError as err:  # connection, protocol, decoding errors
@@ -334,6 +341,8 @@ class RobustClient:
                 if resp.status_code < 400:
                     self.breaker.record_success()
                     self.usage.record_latency(time.monotonic() - t0)
+                    if accept is not None:
+                        return resp
                     try:
                         return resp.json()
                     except ValueError:

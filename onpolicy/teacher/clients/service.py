@@ -1,12 +1,19 @@
 """Our own teacher service (`services/teacher`) as a remote teacher: `POST /v1/score`, `POST /v1/generate`,
-`GET /v1/info`."""
+`GET /v1/info`.
+
+Scores come back as little-endian arrays (`Accept: application/x-onpolicy-scores`, `types.decode_scores`) unless
+`wire_format="json"`; a server that answers JSON anyway (one that predates the binary form) is read as JSON.
+Either way they are checked by `validate_scores` (remote.py) before any number reaches the loss."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from onpolicy.teacher.clients.remote import RemoteTeacher, describe_validation_error
 from onpolicy.types import (
+    SCORES_MEDIA_TYPE,
     GeneratedCompletion,
     GenerateRequest,
     GenerateResponse,
@@ -15,7 +22,10 @@ from onpolicy.types import (
     ScoreResponse,
     TeacherInfo,
     TeacherScores,
+    decode_scores,
 )
+
+WireFormat = Literal["binary", "json"]
 
 
 class ServiceTeacher(RemoteTeacher):
@@ -24,6 +34,12 @@ class ServiceTeacher(RemoteTeacher):
     kind = "service"
     info_path = "/v1/info"
     fix_hint = "Serve the teacher with `onpolicy serve teacher --model DIR` (POST /v1/score)."
+
+    def __init__(self, url: str, *, wire_format: WireFormat = "binary", **kwargs: Any) -> None:
+        if wire_format not in ("binary", "json"):
+            raise ValueError(f"wire_format must be 'binary' or 'json', got {wire_format!r}")
+        super().__init__(url, **kwargs)
+        self.wire_format = wire_format
 
     def info(self) -> TeacherInfo:
         if self._info is None:
@@ -35,8 +51,22 @@ class ServiceTeacher(RemoteTeacher):
         return self._info
 
     def _score_chunk(self, items: list[ScoreRequestItem], top_k: int, offset: int) -> list[TeacherScores]:
-        req = ScoreRequest(sequences=items, top_k=top_k)
-        body = self.client.post_json("/v1/score", req.model_dump(mode="json"))
+        req = ScoreRequest(sequences=items, top_k=top_k).model_dump(mode="json")
+        if self.wire_format == "json":
+            body = self.client.post_json("/v1/score", req)
+        else:
+            http = self.client.post_raw("/v1/score", req, accept=f"{SCORES_MEDIA_TYPE}, application/json;q=0.5")
+            if http.headers.get("content-type", "").split(";")[0].strip() == SCORES_MEDIA_TYPE:
+                try:
+                    return decode_scores(http.content).scores
+                except ValueError as err:
+                    raise self._bad(f"POST /v1/score returned a malformed {SCORES_MEDIA_TYPE} body ({err})") from None
+            try:
+                body = http.json()
+            except ValueError:
+                raise self._bad(f"POST /v1/score returned a body that is neither {SCORES_MEDIA_TYPE} nor JSON "
+                                f"({len(http.content)} bytes, content-type {http.headers.get('content-type')!r})"
+                                ) from None
         try:
             resp = ScoreResponse.model_validate(body)
         except ValidationError as err:

@@ -16,6 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onpolicy.engines.hf_head import (
+    DEFAULT_CHUNK_TOKENS,
+    HeadUnsupported,
+    final_hidden,
+    head_logprobs,
+    logprobs_from_logits,
+    output_head,
+)
+from onpolicy.engines.hidden_states import block_outputs
 from onpolicy.engines.prefill import generate_in_parts
 from onpolicy.engines.vllm import derive_seed, make_llm, outputs_to_rollouts, score_with_llm
 from onpolicy.model_dir import require_model_dir
@@ -26,6 +35,7 @@ from onpolicy.types import (
     ScoreRequestItem,
     TeacherInfo,
     TeacherScores,
+    TopK,
     check_top_k,
 )
 
@@ -153,8 +163,13 @@ class HFTeacher(_LocalTeacher):
     `generate` (batches of up to `batch_size` prompts of one length)."""
 
     def __init__(
-        self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu", batch_size: int = 32
+        self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu", batch_size: int = 32,
+        hidden_layers: list[int] | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
+        """`hidden_layers`: with each score, return the residual stream after these decoder layers at the
+        positions that predict completion tokens (`TeacherScores.hidden`, for `loss.hidden`).
+        `chunk_tokens`: completion positions whose logits exist at once (0: all of a batch's, the model's own
+        logits at every position: the unchunked path)."""
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -168,6 +183,12 @@ class HFTeacher(_LocalTeacher):
         self.device = device
         self.batch_size = batch_size
         self._info = describe_model(model_path, max_top_k=int(self.model.config.vocab_size))
+        self.hidden_layers = list(hidden_layers or [])
+        try:
+            self.head = output_head(self.model) if chunk_tokens else None
+        except HeadUnsupported:  # logits transformed after the head (soft-capping, ...): the model's own forward
+            self.head = None
+        self.chunk_tokens = chunk_tokens
 
     def _score(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
         out: list[TeacherScores] = []
@@ -176,8 +197,9 @@ class HFTeacher(_LocalTeacher):
         return out
 
     def _score_batch(self, items: list[ScoreRequestItem], top_k: int) -> list[TeacherScores]:
-        """One right-padded forward; log-softmax and top-k only at the positions that predict a completion
-        token (position P-1+t predicts completion token t), all of them in one tensor operation."""
+        """One right-padded forward to the last hidden state; then the head, log-softmax and top-k only at the
+        positions that predict a completion token (position P-1+t predicts completion token t), `chunk_tokens`
+        of them at a time (engines/hf_head.py), so memory follows the chunk, not batch x length x vocabulary."""
         import torch
 
         seqs = [list(it.prompt_ids) + list(it.completion_ids) for it in items]
@@ -191,26 +213,25 @@ class HFTeacher(_LocalTeacher):
         cols = torch.tensor([len(it.prompt_ids) - 1 + t for it in items for t in range(len(it.completion_ids))],
                             dtype=torch.long)
         targets_N = torch.tensor([tok for it in items for tok in it.completion_ids], dtype=torch.long)
-        with torch.no_grad():
-            logits_BTV = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device)).logits
-            logp_NV = torch.log_softmax(logits_BTV[rows.to(self.device), cols.to(self.device)].float(), dim=-1).cpu()
-        logprobs = logp_NV.gather(-1, targets_N[:, None])[:, 0].tolist()
-        tops: list | None = None
-        if top_k:
-            vals_NK, idx_NK = torch.topk(logp_NV, top_k, dim=-1)
-            # The contract's order: most likely first, ties by lower token id (sort by id, then stable by value).
-            idx_NK, order = idx_NK.sort(dim=-1)
-            vals_NK = vals_NK.gather(-1, order)
-            vals_NK, order = vals_NK.sort(dim=-1, descending=True, stable=True)
-            idx_NK = idx_NK.gather(-1, order)
-            tops = [list(zip(i, v)) for i, v in zip(idx_NK.tolist(), vals_NK.tolist())]
+        r, c = rows.to(self.device), cols.to(self.device)
+        with torch.no_grad(), block_outputs(self.model, self.hidden_layers) as hidden_LBTH:
+            if self.head is not None:
+                hidden_BTH = final_hidden(self.model, ids_BT.to(self.device), mask_BT.to(self.device))
+                lp_N, vals_NK, ids_NK = head_logprobs(self.head, hidden_BTH[r, c], targets_N,
+                                                      chunk_tokens=self.chunk_tokens, top_k=top_k)
+            else:
+                logits_BTV = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device)).logits
+                lp_N, vals_NK, ids_NK = logprobs_from_logits(logits_BTV[r, c], targets_N, top_k)
+        hidden_NLH = (torch.stack([h[r, c].float() for h in hidden_LBTH], 1).cpu() if self.hidden_layers else None)
+        logprobs = lp_N.tolist()
         out, start = [], 0
         for it in items:
             end = start + len(it.completion_ids)
-            out.append(TeacherScores(logprobs=logprobs[start:end], top_k=tops[start:end] if tops is not None else None))
+            top = TopK(ids_NK[start:end].numpy(), vals_NK[start:end].numpy()) if top_k else None
+            out.append(TeacherScores(logprobs=logprobs[start:end], top_k=top,
+                                     hidden=None if hidden_NLH is None else hidden_NLH[start:end].tolist()))
             start = end
         return out
-
 
     def _generate(self, req: GenerateRequest) -> list[GeneratedCompletion]:
         """Prompts of one length go together (no padding); `seed` seeds torch's generator for this call only."""
@@ -293,9 +314,12 @@ class HFTeacher(_LocalTeacher):
 
 def build_local_teacher(model_path: str, backend: str = "vllm", **kwargs: Any) -> VLLMTeacher | HFTeacher:
     """A local teacher of the given backend (`vllm` or `hf`); `kwargs` go to the backend's constructor
-    (`hf` takes only `dtype`)."""
+    (`hf` takes only `dtype` and `hidden_layers`)."""
+    if backend == "hf":
+        return HFTeacher(model_path, dtype=kwargs.get("dtype", "float32"), hidden_layers=kwargs.get("hidden_layers"))
+    if kwargs.pop("hidden_layers", None):
+        raise ValueError("hidden states (loss.hidden) come from the `hf` teacher backend only: vLLM does not "
+                         "return them; set teacher.backend=hf")
     if backend == "vllm":
         return VLLMTeacher(model_path, **kwargs)
-    if backend == "hf":
-        return HFTeacher(model_path, dtype=kwargs.get("dtype", "float32"))
     raise ValueError(f"unknown teacher backend {backend!r} (expected 'vllm' or 'hf')")
