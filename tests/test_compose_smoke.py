@@ -55,12 +55,16 @@ class Translator:
     """Maps one compose file's services onto local processes (see the module docstring)."""
 
     def __init__(self, doc: dict, tmp: Path):
-        self.services = doc["services"]
+        # the monitoring profile runs Prometheus's and Grafana's own images (no onpolicy command to map onto a
+        # process); test_deploy_schemas checks their files against the services' metrics
+        self.services = {name: svc for name, svc in doc["services"].items()
+                         if "monitoring" not in svc.get("profiles", [])}
         self.tmp = tmp
         self.ports: dict[str, dict[int, int]] = {}
         self.paths: dict[str, str] = {}
         for name, svc in self.services.items():
             own = {int(str(p).rsplit(":", 1)[-1].split("/")[0]) for p in svc.get("ports", [])}
+            own |= {int(str(p).split("/")[0]) for p in svc.get("expose", [])}  # reachable by the other services
             args = self.command(name, raw=True)
             for prev, arg in zip(["", *args], args):
                 m = PORT_FLAG.match(arg)

@@ -67,7 +67,7 @@ def runs(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factory, refere
         _wait(lambda: _steps(out) >= 2, 300, "2 steps")
         _kill(run.workers[0])
         _wait(lambda: _steps(out) >= 5, 300, "5 steps after the worker died")
-        _kill(run.teacher.handle)
+        _kill(run.teacher.first.handle)  # the run's one teacher (a TeacherSet of one)
         _wait(lambda: _steps(out) >= 10, 300, "10 steps after the teacher died")  # checkpoint at 8 exists
         _kill(run.learner)
         thread.join(timeout=600)

@@ -98,6 +98,15 @@ def test_data_source_and_chat_template_are_confined(api, tmp_path):
     assert cfg.chat_template == str((api.data / "chatml.jinja").resolve())
 
 
+def test_a_nul_in_a_path_is_the_clients_error_not_the_servers(api):
+    """The fuzzer's find: a NUL in a path made os.path raise inside the handler (500). Runs and managed teachers
+    go through the same confinement."""
+    r = api.post("/v1/runs", json={"config": _dataset(source="train\x00.jsonl")})
+    assert r.status_code == 422 and _paths(r) == {"data.source"} and "NUL" in r.text, r.text
+    r = api.post("/v1/teachers", json={"model": "student\x00"})
+    assert r.status_code in (409, 422) and "NUL" in r.text, r.text
+
+
 def test_hub_ids_only_where_the_operator_allows_them(api):
     r = api.post("/v1/runs", json={"config": _dataset(source="someorg/private-set")})
     assert r.status_code == 422 and _paths(r) == {"data.source"} and "ONPOLICY_ALLOW_HUB_DATASETS=1" in r.text

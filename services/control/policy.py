@@ -146,6 +146,8 @@ class Policy:
         if not roots:
             raise PolicyError(where, f"{where}: the server has no {kind} root configured, so API clients cannot "
                                      f"name {kind} paths (start it with --{kind}-root DIR)")
+        if "\x00" in value:  # no file system takes it (os.path raises ValueError: a 500, not the client's error)
+            raise PolicyError(where, f"{where} holds a NUL character, which no path can contain")
         p = Path(value)
         resolved = (p if p.is_absolute() else roots[0] / p).resolve()
         for root in roots:
