@@ -14,7 +14,7 @@ import random
 import pytest
 from tolerances import Rounding
 
-from onpolicy.teacher.alignment import Span, align, span_logprobs, student_targets
+from onpolicy.teacher.alignment import UNALIGNED_LOGPROB, Span, align, span_logprobs, student_targets
 from onpolicy.teacher.token_bytes import check_table, decoder_kind, pieces_of, token_byte_table
 
 F64_SUMS = Rounding("float64 sums of a few dozen terms", 2.0**-52, 64)
@@ -77,7 +77,7 @@ def _check_random_alignment(seed: int) -> None:
 
 def test_span_logprobs_and_per_token_targets_in_float64():
     """log q(span), log p_T(span) are sums of each side's token log-probs; the per-token targets sum to log p_T
-    over each span, leave r = 0 outside spans, and give every token of a span the same r = r_span / n."""
+    over each span, give every token of a span the same r = r_span / n, and outside spans r = max(0, log q - floor)."""
     for seed in range(100):
         _check_targets(seed)
 
@@ -100,10 +100,24 @@ def _check_targets(seed: int) -> None:
         r = [q[k] - targets[k] for k in range(sp.s0, sp.s1)]
         r_span = math.fsum(q[sp.s0:sp.s1]) - math.fsum(p[sp.t0:sp.t1])
         assert all(F64_SUMS.close(x, r_span / (sp.s1 - sp.s0)) for x in r)
-    assert all(targets[k] == q[k] for k in range(len(q)) if k not in inside)
-    # the batch's mean r (the `teacher_kl` metric) is exactly the spans' reverse KL per student token
+    assert all(targets[k] == min(q[k], UNALIGNED_LOGPROB) for k in range(len(q)) if k not in inside)
+    # the batch's mean r (the `teacher_kl` metric) is the spans' reverse KL plus the floor's charge outside them
     total = math.fsum(q[k] - targets[k] for k in range(len(q)))
-    assert F64_SUMS.close(total, math.fsum(lq - lp for lq, lp in span_logprobs(al, q, p)))
+    outside = math.fsum(max(0.0, q[k] - UNALIGNED_LOGPROB) for k in range(len(q)) if k not in inside)
+    assert F64_SUMS.close(total, math.fsum(lq - lp for lq, lp in span_logprobs(al, q, p)) + outside)
+
+
+def test_leaving_the_spans_never_pays():
+    """The measured exploit: a special token (zero-width for the teacher) ends every span, and with r = 0 after it
+    a student answered `<pad>` to the cap. Now every token outside a span costs at least what a token the teacher
+    gives 1e-4 costs, however sure the student is, and more than any span the teacher agrees with."""
+    al = align([b"<", b"", b"", b""], [b"<"], eos=False)  # a token the teacher shares, then three specials
+    sure = [-0.01, -1e-3, -1e-3, -1e-3]
+    targets = student_targets(al, sure, [-0.02])
+    r = [q - t for q, t in zip(sure, targets)]
+    assert al.covered == 1 and F64_SUMS.close(r[0], -0.01 + 0.02)
+    assert all(x >= -1e-3 - UNALIGNED_LOGPROB > 9.2 for x in r[1:])
+    assert student_targets(al, [-0.01, -20.0, -20.0, -20.0], [-0.02])[1:] == [-20.0] * 3  # never a reward
 
 
 def test_zero_width_tokens_end_the_alignment_and_eos_pairs_only_a_whole_text():

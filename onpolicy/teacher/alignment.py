@@ -21,8 +21,9 @@ teacher_t). `student_targets` gives each token of a span an equal share of the s
 i.e. teacher_t = log q_t - r_span / n_span: the per-token values sum to log p_T(span) over the span, the batch's
 mean r (the `teacher_kl` metric) is exactly the spans' KL per student token, and each token's advantage is the
 span's, scaled by 1 / n_span (a span is one action: its REINFORCE gradient is r_span x grad log pi(span), spread
-evenly). Tokens outside every span (after the texts stop agreeing, zero-width special tokens) get r_t = 0: no
-signal, counted in `coverage`.
+evenly). Tokens outside every span (after the texts stop agreeing, zero-width special tokens) are charged as text
+the teacher gives 1e-4 (`UNALIGNED_LOGPROB`): r_t = max(0, log q_t - log 1e-4), counted out of `coverage`; the
+batch's mean r is then the spans' KL plus that charge.
 
 The closing end-of-sequence is paired separately (`align(..., eos=True)`): a student that stopped and a teacher
 asked to score its EOS after the same text make a span of one token each.
@@ -120,13 +121,21 @@ def span_logprobs(alignment: Alignment, student_lps: Sequence[float],
     return [(math.fsum(student_lps[sp.s0:sp.s1]), math.fsum(teacher_lps[sp.t0:sp.t1])) for sp in alignment.spans]
 
 
+# What a student token outside every span is told the teacher gives it: text the teacher cannot score as the same
+# event (after a special token the teacher never saw, a cut character) is text it would not write. With r_t = 0
+# there instead, zero KL was the best value the loss could reach, and a student learned to answer `<pad>` to the
+# length cap (docs/teachers.md, "Measured").
+UNALIGNED_LOGPROB = math.log(1e-4)
+
+
 def student_targets(alignment: Alignment, student_lps: Sequence[float], teacher_lps: Sequence[float]) -> list[float]:
-    """One 'teacher log-prob' per student token: log q_t - r_span / n_span inside a span, log q_t (r_t = 0)
-    outside every span (module docstring). Over a span they sum to log p_T(span)."""
+    """One 'teacher log-prob' per student token: log q_t - r_span / n_span inside a span (over a span they sum
+    to log p_T(span)); outside every span min(log q_t, UNALIGNED_LOGPROB), so r_t = max(0, log q_t - log 1e-4):
+    leaving the spans never pays."""
     if len(student_lps) != alignment.student_tokens or len(teacher_lps) != alignment.teacher_tokens:
         raise ValueError(f"{len(student_lps)} student / {len(teacher_lps)} teacher log-probs for an alignment of "
                          f"{alignment.student_tokens} / {alignment.teacher_tokens} tokens")
-    out = [float(v) for v in student_lps]
+    out = [min(float(v), UNALIGNED_LOGPROB) for v in student_lps]
     for sp, (lq, lp) in zip(alignment.spans, span_logprobs(alignment, student_lps, teacher_lps)):
         share = (lq - lp) / (sp.s1 - sp.s0)
         for t in range(sp.s0, sp.s1):
