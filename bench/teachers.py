@@ -3,7 +3,7 @@ row uses (sampled reverse KL), cross-tokenizer span-aligned distillation from th
 black-box teacher (a real vLLM OpenAI server over the toy teacher, asked through /v1/chat/completions for text
 only: sequence-level KD) and a two-teacher mixture (the toy teacher for 3-digit sums, `self` for 1-2 digit ones).
 
-    .venv/bin/python bench/teachers.py [--rows same,same_sampled,cross,blackbox,two] [--toy-dir toy]
+    .venv/bin/python bench/teachers.py [--rows same,same_sampled,cross,blackbox,two,two_noself] [--toy-dir toy]
         [--out runs/teachers] [--steps N] [--wall S]
 
 Every row is one run of its shipped config (configs/toy.yaml, toy-bpe-teacher.yaml, toy-blackbox.yaml,
@@ -12,7 +12,8 @@ toy-two-teachers.yaml) in this process, one after the other on the same machine,
 its teacher's own (greedy, transformers, the same 256 prompts), the share of the gap closed
 ((after - before) / (teacher - before)), steps, distillation seconds, teacher tokens processed, and for the
 cross-tokenizer row the alignment coverage (share of student tokens inside exact spans). The two-teacher row
-gives each source's exact match. The load average is printed with the table (the machine is shared).
+gives each source's exact match, and with `two_noself` (the same run without the `self` share) the kept skill's:
+a retention probe of 1-2 digit sums in both. The load average is printed with the table (the machine is shared).
 
 Writes `<out>/teachers.json`; a row whose run finished is read back, not run again (delete its folder to redo).
 """
@@ -27,6 +28,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The kept skill (1-2 digit sums) measured the same way in both two-teacher rows: a retention probe set, exact
+# match and reverse KL to the starting student at every evaluation (issue 28's `eval.retention`).
+KEEP_PROBE = ("eval.retention=[{name: keep, num_prompts: 128, data: {task: addition, min_digits: 1, max_digits: 2, "
+              "ood_digits: 4}}]")
+MAIN_ONLY = ["teachers=[{name: toy, kind: local, model: toy/teacher, backend: hf}]",
+             ("data.sources=[{name: main, weight: 1, teacher: toy, data: {task: addition, min_digits: 3, "
+              "max_digits: 3, ood_digits: 4}}]")]
 ROWS = {
     # name: (what it is, config, overrides)
     "same": ("same tokenizer, exact reverse KL (the demo: topk_reverse_kl)", "configs/toy.yaml", []),
@@ -37,7 +45,9 @@ ROWS = {
     "blackbox": ("text only: vLLM OpenAI server over the teacher, /v1/chat/completions, sft",
                  "configs/toy-blackbox.yaml", []),
     "two": ("two teachers: toy teacher for 3-digit sums, `self` for 1-2 digit sums", "configs/toy-two-teachers.yaml",
-            []),
+            [KEEP_PROBE]),
+    "two_noself": ("the same run without the `self` share: the toy teacher for 3-digit sums only",
+                   "configs/toy-two-teachers.yaml", [KEEP_PROBE, *MAIN_ONLY]),
 }
 
 
@@ -69,6 +79,10 @@ def row_result(name: str, summary: dict, run_dir: Path) -> dict:
         if f"source_{src}_heldout_accuracy" in after:
             out[f"{src}_before"] = before[f"source_{src}_heldout_accuracy"]
             out[f"{src}_after"] = after[f"source_{src}_heldout_accuracy"]
+    kept = summary.get("retention", {}).get("keep")
+    if kept is not None:  # the kept skill on its probe set (the same prompts in every row)
+        out["kept_before"], out["kept_after"] = kept["accuracy_before"], kept["accuracy_after"]
+        out["kept_kl_to_start"] = kept["reverse_kl_to_start_after"]
     return out
 
 
@@ -84,9 +98,11 @@ def render(rows: list[dict]) -> str:
                      f"{r['before']:.3f} -> **{r['after']:.3f}** | {r.get('teacher', float('nan')):.3f} | "
                      f"{'' if gap is None else f'{gap:.2f}'} | {cov} |")
         if "main_after" in r:
-            lines.append(f"| (two: per source) | main (3-digit, toy teacher) {r['main_before']:.3f} -> "
-                         f"{r['main_after']:.3f}; keep (1-2 digit, self) {r['keep_before']:.3f} -> "
-                         f"{r['keep_after']:.3f} | | | | | | | |")
+            lines.append(f"| ({r['row']}: main) | 3-digit sums (toy teacher) {r['main_before']:.3f} -> "
+                         f"{r['main_after']:.3f} | | | | | | | |")
+        if "kept_after" in r:
+            lines.append(f"| ({r['row']}: kept) | 1-2 digit sums (retention probe) {r['kept_before']:.3f} -> "
+                         f"{r['kept_after']:.3f}, reverse KL to the start {r['kept_kl_to_start']:.3f} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -150,7 +166,7 @@ def main() -> None:
     rows = []
     for name in args.rows.split(","):
         r = run_row(name, args, out)
-        if name != "two":
+        if not name.startswith("two"):
             r["teacher"] = teacher_acc["bpe" if name == "cross" else "char"]
             r["gap"] = gap_closed(r["before"], r["after"], r["teacher"])
         rows.append(r)

@@ -241,34 +241,53 @@ class ScoreResponse(BaseModel):
 
 # ---- the binary form of a ScoreResponse (`Accept: application/x-onpolicy-scores`) --------------------------
 #
-#   b"OPS1" | uint32 n | float32 logprobs [N] | int32 top-k ids [N, k] | float32 top-k log-probs [N, k] |
-#   n bytes of JSON {"lengths": [C_i], "k": k, "top_k": bool, "model": ..., "usage": {...}}
+#   b"OPS1" | uint32 n | float32 logprobs [N] | top-k ids [N, k] | top-k log-probs [N, k] |
+#   n bytes of JSON {"lengths": [C_i], "k": k, "top_k": bool, "topk_form": "exact" | "compact", "model": ...,
+#                    "usage": {...}}
 #
-# little-endian; N = sum C_i ("top_k": whether the scores carry top-k: k may be 0 when every completion is empty). The arrays start at byte 8 (aligned for any reader); the JSON that
-# describes them comes last, `usage` at its very end, where a proxy that reads a JSON answer's usage from its
-# tail finds it too. JSON stays the default; a client that asks for this and gets JSON (an older server)
-# reads that. At k = 64 it is ~1/6 of the JSON's bytes and ~1/50 of its encode + decode time
-# (docs/long_sequences.md).
+# little-endian; N = sum C_i ("top_k": whether the scores carry top-k: k may be 0 when every completion is empty).
+# The top-k comes in one of two forms, named in the trailer:
+#   exact (the default): int32 ids, float32 log-probs: 8 bytes a pair, the engine's numbers bit for bit.
+#   compact (`Accept: application/x-onpolicy-scores; topk=compact`): ids as 3-byte unsigned integers (vocabularies
+#       under 2**24 - 1; 0xFFFFFF marks a padded slot, read back as -1), log-probs as float16: 5 bytes a pair.
+#       float16 keeps 11 significant bits: a log-prob of -10 comes back within 0.004, one of -1 within 0.0005
+#       (relative error <= 2**-11); below -65504 it reads -inf. Lossy, so opt-in: the per-token log-probs of the
+#       sampled tokens (what the sampled losses use) stay float32 in both forms.
+# The arrays start at byte 8; the JSON that describes them comes last, `usage` at its very end, where a proxy
+# that reads a JSON answer's usage from its tail finds it too. JSON stays the default; a client that asks for
+# this and gets JSON (an older server) reads that. Bytes and encode + decode time against JSON:
+# docs/long_sequences.md.
 SCORES_MEDIA_TYPE = "application/x-onpolicy-scores"
 _SCORES_MAGIC = b"OPS1"
+TopKForm = Literal["exact", "compact"]
+_ID_PAD = 0xFFFFFF  # a padded slot in the compact form's 3-byte ids
+
+
+def binary_scores_form(accept: str | None) -> TopKForm | None:
+    """The binary form an `Accept` header asks for (`topk=compact` or, by default, exact), None if it does not
+    list the binary scores type with q > 0."""
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() != SCORES_MEDIA_TYPE:
+            continue
+        named = {k.strip().lower(): v.strip() for k, _, v in (p.partition("=") for p in params)}
+        try:
+            if float(named.get("q", "1")) <= 0:
+                return None
+        except ValueError:
+            return None
+        return "compact" if named.get("topk", "").lower() == "compact" else "exact"
+    return None
 
 
 def accepts_binary_scores(accept: str | None) -> bool:
     """Whether an `Accept` header lists the binary scores type (with q > 0)."""
-    for part in (accept or "").split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        if media.lower() == SCORES_MEDIA_TYPE:
-            q = next((p.split("=", 1)[1] for p in params if p.replace(" ", "").startswith("q=")), "1")
-            try:
-                return float(q) > 0
-            except ValueError:
-                return False
-    return False
+    return binary_scores_form(accept) is not None
 
 
-def encode_scores(resp: ScoreResponse) -> bytes:
+def encode_scores(resp: ScoreResponse, form: TopKForm = "exact") -> bytes:
     """`resp` in the binary form above (ValueError for what it cannot carry: hidden states, top-k on only
-    some sequences)."""
+    some sequences, an id the compact form cannot hold)."""
     import json
 
     import numpy as np
@@ -281,14 +300,22 @@ def encode_scores(resp: ScoreResponse) -> bytes:
         raise ValueError("binary scores do not carry hidden states (ask for JSON)")
     k = max((s.top_k.k for s in scores if s.top_k is not None), default=0)
     tail = json.dumps({"lengths": [len(s.logprobs) for s in scores], "k": k, "top_k": bool(scores) and all(with_top),
-                       "model": resp.model,
-                       "usage": resp.usage.model_dump()}).encode()
+                       "topk_form": form, "model": resp.model, "usage": resp.usage.model_dump()}).encode()
     parts = [_SCORES_MAGIC, len(tail).to_bytes(4, "little"),
              np.asarray([v for s in scores for v in s.logprobs], dtype="<f4").tobytes()]
     if k:
         tops = [s.top_k if s.top_k.k == k else _widen(s.top_k, k) for s in scores]
-        parts.extend(t.ids.tobytes() for t in tops)
-        parts.extend(t.logprobs.tobytes() for t in tops)
+        if form == "compact":
+            ids = np.concatenate([t.ids for t in tops])
+            lps = np.concatenate([t.logprobs for t in tops])
+            if ids.size and (ids.max() >= _ID_PAD or ids.min() < -1):
+                raise ValueError(f"the compact top-k holds ids in [0, {_ID_PAD}): got {int(ids.max())} (ask for "
+                                 "the exact form)")
+            packed = np.where(ids < 0, _ID_PAD, ids).astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3]
+            parts.extend([packed.tobytes(), lps.astype("<f2").tobytes()])
+        else:  # TopK holds <i4 ids and <f4 log-probs: their bytes as they are
+            parts.extend(t.ids.tobytes() for t in tops)
+            parts.extend(t.logprobs.tobytes() for t in tops)
     parts.append(tail)
     return b"".join(parts)
 
@@ -314,19 +341,32 @@ def decode_scores(body: bytes) -> ScoreResponse:
         tail = json.loads(body[len(body) - n :] if 0 < n <= len(body) - 8 else b"")
         lengths, k, has_top = [int(c) for c in tail["lengths"]], int(tail["k"]), bool(tail.get("top_k", False))
         model, usage = str(tail["model"]), ScoreUsage.model_validate(tail.get("usage", {}))
+        form = tail.get("topk_form", "exact")
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"binary scores: unreadable trailer ({err})") from None
-    if k < 0 or any(c < 0 for c in lengths):
-        raise ValueError(f"binary scores: negative k ({k}) or sequence length in the trailer")
+    if k < 0 or any(c < 0 for c in lengths) or form not in ("exact", "compact"):
+        raise ValueError(f"binary scores: negative k ({k}) or sequence length, or an unknown topk_form ({form!r}) "
+                         "in the trailer")
     total = sum(lengths)
-    if len(body) != 8 + 4 * total * (1 + 2 * k) + n:
-        raise ValueError(f"binary scores: {len(body)} bytes, expected {8 + 4 * total * (1 + 2 * k) + n} for "
-                         f"{total} tokens at k={k}")
+    pair = 5 if form == "compact" else 8  # bytes of one (id, log-prob)
+    expected = 8 + 4 * total + pair * total * k + n
+    if len(body) != expected:
+        raise ValueError(f"binary scores: {len(body)} bytes, expected {expected} for {total} tokens at k={k} "
+                         f"({form} top-k)")
     logprobs = np.frombuffer(body, dtype="<f4", count=total, offset=8).tolist()
     if k:  # copies: the arrays outlive the body, and torch wants writable memory
-        ids = np.frombuffer(body, dtype="<i4", count=total * k, offset=8 + 4 * total).reshape(total, k).copy()
-        lps = np.frombuffer(body, dtype="<f4", count=total * k, offset=8 + 4 * total * (1 + k)).reshape(total, k)
-        lps = lps.copy()
+        at_ids = 8 + 4 * total
+        if form == "compact":
+            wide = np.zeros((total * k, 4), dtype=np.uint8)  # 3 bytes -> a little-endian uint32
+            wide[:, :3] = np.frombuffer(body, dtype=np.uint8, count=3 * total * k, offset=at_ids).reshape(-1, 3)
+            ids = wide.view("<u4").reshape(total, k).astype("<i4")
+            ids[ids == _ID_PAD] = -1
+            lps = np.frombuffer(body, dtype="<f2", count=total * k, offset=at_ids + 3 * total * k)
+            lps = lps.astype(np.float32).reshape(total, k)
+        else:
+            ids = np.frombuffer(body, dtype="<i4", count=total * k, offset=at_ids).reshape(total, k).copy()
+            lps = np.frombuffer(body, dtype="<f4", count=total * k, offset=at_ids + 4 * total * k).reshape(total, k)
+            lps = lps.copy()
     scores, at = [], 0
     for c in lengths:
         top = (TopK(ids[at : at + c], lps[at : at + c]) if k else TopK(np.zeros((c, 0)), np.zeros((c, 0)))) if has_top else None

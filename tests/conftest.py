@@ -14,9 +14,16 @@ Tests that start engines should share them through module- or session-scoped fix
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Two test processes share two cores, and each starts engines, actors and servers of its own: OpenMP pools that
+# spin while they wait steal the core a peer needs (measured on four run-level modules under `-n 2`: 171 s
+# spinning, 131 s passive; one run 38.7 s -> 17.9 s). Set before anything loads torch, and inherited by every
+# process the suite starts (Ray's actors, servers, the README's commands).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
@@ -136,8 +143,10 @@ def reference_run(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factor
 # The suite is mostly start-up (Python imports, Ray, engines), which leaves one core idle a third of the time
 # (67% of 2 cores measured on one process); a second process fills it. Each module runs whole in one process
 # (its module fixtures are built once), and modules that share a session fixture run in the same process so
-# it is built once: SHARED names them. The heaviest groups are handed out first. (xdist's own `loadgroup`
-# does not group under pytest 9 here, hence the scheduler below.)
+# it is built once: SHARED names them. Work units are handed out longest first (EXPECTED_S), so the last one
+# to start is short and neither process waits on the other at the end; xdist's own order (by number of tests)
+# had left the 4-minute README test to start last. (xdist's `loadgroup` does not group under pytest 9 here,
+# hence the scheduler below.)
 SHARED = {
     # the undisturbed reference run
     "test_driver": "reference", "test_faults": "reference", "test_learner_group": "reference",
@@ -146,28 +155,40 @@ SHARED = {
     "test_teacher_numerics": "teachers", "test_teacher_service": "teachers", "test_text_teacher": "teachers",
     "test_teachers_run": "teachers",
 }
-FIRST = ["test_readme_commands", "teachers", "test_control_ray", "reference"]  # the longest, dispatched first
 # Modules whose tests share nothing and are each long: every test is a work unit of its own.
 SPLIT = {"test_readme_commands"}
+# Seconds per work unit under `-n 2` (`--durations=0`, 2026-12-03, before OMP_WAIT_POLICY=PASSIVE): only the
+# order matters; a unit not named counts as short.
+EXPECTED_S = {
+    "teachers": 436, "reference": 325, "tests/test_readme_commands.py::test_commands_verbatim": 244,
+    "test_control_ray": 158, "test_working_run": 127, "test_compose_smoke": 92,
+    "tests/test_readme_commands.py::test_control_plane_commands_verbatim": 89, "test_dashboard": 71,
+    "test_ray_job": 61, "test_students": 57, "test_long_prompts": 56, "test_lora": 53, "test_teacher_pool": 44,
+    "test_rollout_teacher": 39, "test_chat_data_run": 37, "test_eval_paths": 36, "test_managed_teachers": 31,
+    "test_demo": 27, "test_dtypes": 25, "test_chunked_loss": 18, "test_teacher_http": 15, "test_checkpoints": 14,
+    "test_security": 13, "test_quiet": 12,
+}
 
 
-def _group_of(module: str) -> str:
-    return SHARED.get(module, module)
+def unit_of(nodeid: str) -> str:
+    """The work unit a test belongs to: its test (SPLIT modules), its SHARED group, or its module."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return nodeid if module in SPLIT else SHARED.get(module, module)
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    # stable: the order of modules and of tests within a module is kept inside a group
-    items.sort(key=lambda item: rank.get(_group_of(item.module.__name__.rsplit(".", 1)[-1]), len(FIRST)))
+    # stable: the order of modules and of tests within a module is kept inside a unit
+    items.sort(key=lambda item: -EXPECTED_S.get(unit_of(item.nodeid), 0))
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Work units are groups of modules (SHARED), each sent whole to one process."""
+    """Work units (`unit_of`) each sent whole to one process, in the order of the sorted collection."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ByGroup(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = Path(nodeid.split("::", 1)[0]).stem
-            return nodeid if module in SPLIT else _group_of(module)
+    config.option.loadscopereorder = False  # keep our order, not xdist's by number of tests
 
-    return ByGroup(config, log)
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ByUnit(config, log)

@@ -1,6 +1,6 @@
 """`onpolicy student init`: importance scores against float64 brute force, cuts against the teacher with the
 dropped parts zeroed, pruning nothing reproduces the teacher, bad input refused, and (slow, one engine) a
-pruned folder served by a real vLLM server agrees with transformers."""
+pruned folder served by a real vLLM engine agrees with transformers."""
 
 from __future__ import annotations
 
@@ -162,16 +162,20 @@ def test_cli_refuses_a_layer_out_of_range(tmp_path, tiny_teacher_dir, capsys):
 
 
 @pytest.mark.slow
-def test_a_pruned_folder_serves_in_vllm_as_in_transformers(tmp_path, tiny_teacher_dir):
+def test_a_pruned_folder_serves_in_vllm_as_in_transformers(tmp_path, tiny_teacher_dir, ray_session):
     """Depth, heads, MLP and embedding channels all cut (hidden 32 with head_dim 32 kept: config.head_dim
-    must be read); a real vLLM server scores it as transformers does. The suite's one engine start for this."""
-    from fakes.vllm import start_vllm_server
-
-    from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher
+    must be read); a real vLLM engine (a run's local teacher in its Ray actor: `teacher.backend=vllm`) loads
+    it and scores it as transformers does. The suite's one engine start for this."""
+    from onpolicy.config import load_config
+    from onpolicy.teacher.factory import open_teacher
 
     folder = tmp_path / "pruned"
     init_student(tiny_teacher_dir, folder, layers="1", heads=1, mlp=64, hidden=32, config="configs/toy.yaml",
                  calibration_prompts=16, calibration_new_tokens=2)
-    with start_vllm_server(folder, max_logprobs=4) as srv:
-        served = VLLMServerTeacher(srv.url).score(ITEMS)
+    cfg = load_config(None, [f"teacher.model={folder}", "teacher.backend=vllm"])
+    teacher = open_teacher(cfg.teacher, seed=cfg.seed, resources=cfg.resources)
+    try:
+        served = teacher.score(ITEMS)
+    finally:
+        teacher.close()
     assert_nested_close([s.logprobs for s in served], logprobs(folder), FP32_KERNELS)

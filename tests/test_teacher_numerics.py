@@ -19,7 +19,7 @@ from onpolicy.teacher.clients.vllm_server import VLLMServerTeacher
 from onpolicy.teacher.fingerprint import check_compatible
 from onpolicy.teacher.local.engines import HFTeacher
 from onpolicy.types import ScoreRequestItem
-from tests.tolerances import FP32_KERNELS, assert_scores_close
+from tests.tolerances import FP16_WIRE, FP32_KERNELS, assert_nested_close, assert_scores_close
 
 pytestmark = pytest.mark.slow
 TOP_K = 5  # within the session vLLM server's --max-logprobs 8
@@ -47,10 +47,11 @@ def test_every_teacher_kind_scores_like_transformers(vllm_local_teacher, teacher
     items = sequences()
     with ServiceTeacher(teacher_service.url, api_key=TEACHER_SERVICE_KEY) as service, \
             ServiceTeacher(teacher_service.url, api_key=TEACHER_SERVICE_KEY, wire_format="json") as service_json, \
+            ServiceTeacher(teacher_service.url, api_key=TEACHER_SERVICE_KEY, wire_format="compact") as compact, \
             VLLMServerTeacher(vllm_server.url, timeout_s=60) as server:
         assert service.wire_format == "binary"  # the default: top-k as arrays (types.encode_scores)
         ways = {"in-process vLLM": vllm_local_teacher, "our service": service, "our service, JSON": service_json,
-                "vLLM server": server}
+                "our service, compact top-k": compact, "vLLM server": server}
         for name, teacher in ways.items():
             assert isinstance(teacher, Teacher), name
         # The tokenizer-level description agrees where it is read from the model folder (a vLLM server's
@@ -66,7 +67,12 @@ def test_every_teacher_kind_scores_like_transformers(vllm_local_teacher, teacher
             assert all((s.top_k is None) == (k == 0) for s in ref)
             for name, teacher in ways.items():
                 before = teacher.usage().get("tokens_scored", 0)
-                assert_scores_close(teacher.score(items, top_k=k), ref, FP32_KERNELS)
+                got = teacher.score(items, top_k=k)
+                if teacher is compact:  # float16 top-k on the wire; the sampled tokens' log-probs stay float32
+                    assert_scores_close(got, ref, FP16_WIRE)
+                    assert_nested_close([s.logprobs for s in got], [s.logprobs for s in ref], FP32_KERNELS)
+                else:
+                    assert_scores_close(got, ref, FP32_KERNELS)
                 scored[name] += teacher.usage().get("tokens_scored", 0) - before
         completion_tokens = sum(len(it.completion_ids) for it in items)
         assert scored["vLLM server"] == 2 * completion_tokens  # what the client reports it had scored

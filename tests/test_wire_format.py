@@ -21,6 +21,7 @@ from onpolicy.types import (
     TeacherScores,
     TopK,
     accepts_binary_scores,
+    binary_scores_form,
     decode_scores,
     encode_scores,
 )
@@ -50,16 +51,41 @@ def test_topk_reads_as_rows_and_keeps_arrays():
             TeacherScores(logprobs=[-1.0], top_k=bad)
 
 
+@pytest.mark.parametrize("form, pair", [("exact", 8), ("compact", 5)])
 @pytest.mark.parametrize("k", [3, 0])
-def test_binary_round_trip(k):
+def test_binary_round_trip(k, form, pair):
+    """These values are exact in float16 too, and the padded slot (-1, -inf) comes back as it went."""
     resp = _response(k)
-    body = encode_scores(resp)
+    body = encode_scores(resp, form)
     back = decode_scores(body)
     assert back == resp and back.model == "m" and back.usage.tokens_scored == 3
     assert [s.top_k is None for s in back.scores] == [s.top_k is None for s in resp.scores]
-    if k:  # 8-byte prefix, float32 log-probs, int32 ids and float32 log-probs of 3 slots per token, the JSON trailer
-        assert body[:4] == b"OPS1" and len(body) == 8 + 4 * 3 * (1 + 2 * 3) + int.from_bytes(body[4:8], "little")
+    if k:  # 8-byte prefix, float32 log-probs, (id, log-prob) pairs of 3 slots per token, the JSON trailer
+        assert body[:4] == b"OPS1" and len(body) == 8 + 3 * (4 + pair * 3) + int.from_bytes(body[4:8], "little")
         assert back.scores[0].top_k.logprobs.flags.writeable  # torch reads them without a copy warning
+        assert back.scores[0].top_k.ids[1].tolist() == [9, -1, -1]
+
+
+def test_compact_form_keeps_ids_exactly_and_log_probs_within_float16_rounding():
+    """Ids up to 2**24 - 2 come back exactly; a log-prob within half a float16 step (2**-11 of its size, or
+    the subnormal step near 0); the sampled tokens' log-probs stay float32, bit for bit."""
+    rng = np.random.default_rng(0)
+    tokens, k = 200, 64
+    lps = -np.concatenate([rng.exponential(3.0, (tokens, k - 2)), rng.uniform(0, 1e-6, (tokens, 1)),
+                           rng.uniform(60, 90, (tokens, 1))], axis=1).astype(np.float32)
+    ids = rng.integers(0, 2**24 - 1, (tokens, k))
+    ids[0, :2] = [0, 2**24 - 2]
+    sampled = lps[:, 0].astype(np.float64).tolist()
+    resp = ScoreResponse(scores=[TeacherScores(logprobs=sampled, top_k=TopK(ids, lps))], model="m")
+    back = decode_scores(encode_scores(resp, "compact")).scores[0]
+    assert back.top_k.ids.tolist() == ids.tolist() and back.logprobs == np.float32(sampled).tolist()
+    err = np.abs(back.top_k.logprobs.astype(np.float64) - lps)
+    assert np.all(err <= np.maximum(np.abs(lps) * 2.0**-11, 2.0**-25))
+    assert err.max() > 0  # lossy: not the exact form by another name
+    with pytest.raises(ValueError, match="compact top-k holds ids in"):
+        ids[3, 3] = 2**24 - 1
+        encode_scores(ScoreResponse(scores=[TeacherScores(logprobs=sampled, top_k=TopK(ids, lps))], model="m"),
+                      "compact")
 
 
 @pytest.mark.parametrize("cut, message", [
@@ -88,16 +114,19 @@ def test_accept_header_negotiation():
     assert not accepts_binary_scores("application/x-onpolicy-scores;q=0")
     assert not accepts_binary_scores("application/json") and not accepts_binary_scores(None)
     assert not accepts_binary_scores("*/*")  # JSON stays the default
+    assert binary_scores_form("application/x-onpolicy-scores") == "exact"
+    assert binary_scores_form("application/x-onpolicy-scores; topk=compact, application/json;q=0.5") == "compact"
+    assert binary_scores_form("application/x-onpolicy-scores;topk=compact;q=0") is None
 
 
-@pytest.mark.parametrize("form", ["json", "binary"])
+@pytest.mark.parametrize("form", ["json", "exact", "compact"])
 def test_answer_checks_apply_to_either_form(form):
     """validate_scores reads the arrays, so a bad answer is named the same whichever form it came in."""
     items = [ScoreRequestItem(prompt_ids=[1], completion_ids=[4, 5])]
 
     def check(top_k_rows, vocab=16):
         resp = ScoreResponse(scores=[TeacherScores(logprobs=[-1.0, -2.0], top_k=top_k_rows)], model="m")
-        resp = decode_scores(encode_scores(resp)) if form == "binary" else ScoreResponse.model_validate_json(
+        resp = decode_scores(encode_scores(resp, form)) if form != "json" else ScoreResponse.model_validate_json(
             resp.model_dump_json())
         validate_scores("t", items, resp.scores, 2, vocab_size=vocab)
 

@@ -66,6 +66,9 @@ class Rounding:
 BF16_KERNELS = Rounding("bf16, two kernel paths", BF16_EPS, 8)
 FP32_KERNELS = Rounding("fp32, two kernel paths", FP32_EPS, 512)
 FP32_BATCH = Rounding("fp32, same model, another batch shape", FP32_EPS, 64)
+# The compact wire form's top-k log-probs are float16 (eps 2**-10): one rounding is half a step, 2**-11 relative;
+# k=1 step leaves the other half for the kernels' drift (FP32_KERNELS: ~1/16 of it at |x| <= 1).
+FP16_WIRE = Rounding("fp16 on the wire (compact top-k), plus fp32 kernels", 2.0**-10, 1)
 # float64 sums of the same terms in another order or grouping (the chunked loss against the unchunked one):
 # measured within ~4 eps; 64 leaves room and stays ~1e10 x under any real float32-sized error.
 FP64_ORDER = Rounding("fp64, the same sums in another order", 2.0**-52, 64)

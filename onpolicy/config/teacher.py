@@ -152,6 +152,18 @@ class RemoteTeacherConfig(EndpointTeacherBase):
         "(docs/teachers.md). null: the teacher must use the student's tokenizer (checked when reached).",
         json_schema_extra=path_marker("models"),
     )
+    wire_format: Literal["binary", "compact", "json"] = Field(
+        "binary", description="kind=service only: how scores travel. `binary`: little-endian arrays, exact; "
+        "`compact`: the top-k as 3-byte ids and float16 log-probs (5 bytes a pair instead of 8; a log-prob comes "
+        "back within 2**-11 of its size; the sampled tokens' log-probs stay float32); `json`: JSON.",
+    )
+
+    @model_validator(mode="after")
+    def _wire_format_is_the_services(self) -> RemoteTeacherConfig:
+        if self.wire_format != "binary" and self.kind != "service":
+            raise ValueError(f"teacher.wire_format={self.wire_format} is for teacher.kind=service (our teacher "
+                             f"service); a {self.kind} server answers JSON: remove teacher.wire_format")
+        return self
 
 
 class TextTeacherConfig(EndpointTeacherBase):

@@ -192,6 +192,8 @@ def open_teacher(
             raise ValueError(f"loss.hidden needs the teacher's hidden states, and a remote teacher "
                              f"(teacher.kind={tc.kind}) answers log-probs only: use a local teacher")
         client_kw, retry_kw = endpoint_client_kwargs(tc)
+        if tc.kind == "service":
+            client_kw["wire_format"] = tc.wire_format
         if tc.urls:  # replicas fail fast; the pool retries on another one and does the waiting
             replicas = [remote_teacher(tc.kind, url, **client_kw, **REPLICA_CLIENT) for url in tc.urls]
             teacher = TeacherPool(replicas, **retry_kw, max_in_flight=tc.max_in_flight,

@@ -4,7 +4,8 @@ Endpoints (wire types from `onpolicy.types`):
 - `POST /v1/score`: `ScoreRequest` -> `ScoreResponse` (`usage.tokens_scored` = completion
   tokens scored). Concurrent requests are merged into few engine calls by `ScoreBatcher`
   (see `batcher.py` for how). JSON by default; a request with `Accept: application/x-onpolicy-scores`
-  gets the same answer as little-endian arrays (`onpolicy.types.encode_scores`: ~1/6 of the bytes at k = 64).
+  gets the same answer as little-endian arrays (`onpolicy.types.encode_scores`: ~1/3.5 of the bytes at k = 64;
+  with `; topk=compact`, the top-k as 3-byte ids and float16 log-probs, ~1/5.5).
 - `POST /v1/generate`: `GenerateRequest` -> `GenerateResponse`: the teacher samples `n` completions
   per token-id prompt, grouped by prompt, each with the teacher's raw log-prob of every token
   (`usage`: prompt tokens, once per prompt, and tokens generated). Not merged with other requests:
@@ -66,7 +67,7 @@ from onpolicy.types import (
     ScoreResponse,
     ScoreUsage,
     TeacherInfo,
-    accepts_binary_scores,
+    binary_scores_form,
     check_top_k,
     encode_scores,
 )
@@ -93,7 +94,8 @@ CLIENT_CLOSED = 499
 
 SCORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": f"The scores: JSON by default, or with `Accept: {SCORES_MEDIA_TYPE}` the binary form "
-                         "(little-endian arrays, onpolicy.types.encode_scores)",
+                         "(little-endian arrays, onpolicy.types.encode_scores; `; topk=compact`: the top-k as 3-byte "
+                         "ids and float16 log-probs)",
           "content": {SCORES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
     413: {"description": "Body, sequence count or a sequence over the server's limits (named in the detail)"},
     422: {"description": "Invalid request: top_k, a token id, or content the teacher refused"},
@@ -435,8 +437,9 @@ def create_app(
         metrics.sequences.inc(len(req.sequences))
         metrics.tokens.inc(tokens)
         resp = ScoreResponse(scores=scores, model=model_name, usage=ScoreUsage(tokens_scored=tokens))
-        if accepts_binary_scores(request.headers.get("accept")):  # arrays, not millions of printed numbers
-            return Response(encode_scores(resp), media_type=SCORES_MEDIA_TYPE)
+        form = binary_scores_form(request.headers.get("accept"))
+        if form is not None:  # arrays, not millions of printed numbers
+            return Response(encode_scores(resp, form), media_type=SCORES_MEDIA_TYPE)
         return resp
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=GENERATE_ERRORS)

@@ -34,7 +34,7 @@ from onpolicy.types import (
     ScoreRequest,
     ScoreResponse,
     TeacherInfo,
-    accepts_binary_scores,
+    binary_scores_form,
     encode_scores,
 )
 
@@ -94,15 +94,15 @@ def _break(body: dict[str, Any], how: str) -> dict[str, Any]:
     return body
 
 
-def _binary(body: dict[str, Any], action: Any) -> bytes:
-    """The (possibly broken) answer in the binary scores form."""
+def _binary(body: dict[str, Any], action: Any, form: str) -> bytes:
+    """The (possibly broken) answer in the binary scores form asked for (exact or compact top-k)."""
     if action == "missing":  # nothing to leave out of an array: a body cut short instead
         body["scores"][0]["logprobs"] = []
-        return encode_scores(ScoreResponse.model_validate(body))[:-5]
+        return encode_scores(ScoreResponse.model_validate(body), form)[:-5]
     if action == "no_top_k":  # the form carries top-k for all sequences or none
         for sc in body["scores"]:
             sc["top_k"] = None
-    return encode_scores(ScoreResponse.model_validate(body))
+    return encode_scores(ScoreResponse.model_validate(body), form)
 
 
 def _generated(req: GenerateRequest, eos: int) -> dict[str, Any]:
@@ -185,9 +185,10 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
         else:
             key = tuple((tuple(s.prompt_ids), tuple(s.completion_ids)) for s in req.sequences)
             script.scored[key] += 1
-        if script.binary and accepts_binary_scores(request.headers.get("accept")):
-            script.formats["binary"] += 1
-            return Response(_binary(body, action), media_type=SCORES_MEDIA_TYPE)
+        form = binary_scores_form(request.headers.get("accept"))
+        if script.binary and form is not None:
+            script.formats["binary" if form == "exact" else form] += 1
+            return Response(_binary(body, action, form), media_type=SCORES_MEDIA_TYPE)
         script.formats["json"] += 1
         # json.dumps, not JSONResponse: the "nan" case must reach the client as a NaN literal.
         return Response(json.dumps(body, allow_nan=True), media_type="application/json")

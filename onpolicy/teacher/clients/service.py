@@ -2,7 +2,9 @@
 `GET /v1/info`.
 
 Scores come back as little-endian arrays (`Accept: application/x-onpolicy-scores`, `types.decode_scores`) unless
-`wire_format="json"`; a server that answers JSON anyway (one that predates the binary form) is read as JSON.
+`wire_format="json"`; `wire_format="compact"` asks for the top-k as 3-byte ids and float16 log-probs (lossy, 5 bytes
+a pair instead of 8: `teacher.wire_format`). A server that answers JSON anyway (one that predates the binary form)
+is read as JSON.
 Either way they are checked by `validate_scores` (remote.py) before any number reaches the loss."""
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from onpolicy.types import (
     decode_scores,
 )
 
-WireFormat = Literal["binary", "json"]
+WireFormat = Literal["binary", "compact", "json"]
+ACCEPT = {"binary": f"{SCORES_MEDIA_TYPE}, application/json;q=0.5",
+          "compact": f"{SCORES_MEDIA_TYPE}; topk=compact, application/json;q=0.5"}
 
 
 class ServiceTeacher(RemoteTeacher):
@@ -36,8 +40,8 @@ class ServiceTeacher(RemoteTeacher):
     fix_hint = "Serve the teacher with `onpolicy serve teacher --model DIR` (POST /v1/score)."
 
     def __init__(self, url: str, *, wire_format: WireFormat = "binary", **kwargs: Any) -> None:
-        if wire_format not in ("binary", "json"):
-            raise ValueError(f"wire_format must be 'binary' or 'json', got {wire_format!r}")
+        if wire_format not in ("binary", "compact", "json"):
+            raise ValueError(f"wire_format must be 'binary', 'compact' or 'json', got {wire_format!r}")
         super().__init__(url, **kwargs)
         self.wire_format = wire_format
 
@@ -55,7 +59,7 @@ class ServiceTeacher(RemoteTeacher):
         if self.wire_format == "json":
             body = self.client.post_json("/v1/score", req)
         else:
-            http = self.client.post_raw("/v1/score", req, accept=f"{SCORES_MEDIA_TYPE}, application/json;q=0.5")
+            http = self.client.post_raw("/v1/score", req, accept=ACCEPT[self.wire_format])
             if http.headers.get("content-type", "").split(";")[0].strip() == SCORES_MEDIA_TYPE:
                 try:
                     return decode_scores(http.content).scores
