@@ -4,7 +4,7 @@ black-box teacher (a real vLLM OpenAI server over the toy teacher, asked through
 only: sequence-level KD) and a two-teacher mixture (the toy teacher for 3-digit sums, `self` for 1-2 digit ones).
 
     .venv/bin/python bench/teachers.py [--rows same,same_sampled,cross,blackbox,two,two_noself] [--toy-dir toy]
-        [--out runs/teachers] [--steps N] [--wall S]
+        [--out runs/teachers] [--steps N] [--wall S] [--seed N]
 
 Every row is one run of its shipped config (configs/toy.yaml, toy-bpe-teacher.yaml, toy-blackbox.yaml,
 toy-two-teachers.yaml) in this process, one after the other on the same machine, with the demo's budget of
@@ -115,6 +115,8 @@ def run_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     extra = [f"output_dir={run_dir}", f"schedule.max_wall_seconds={args.wall}"]
     if args.steps:
         extra.append(f"schedule.steps={args.steps}")
+    if args.seed is not None:
+        extra.append(f"seed={args.seed}")
     server = None
     if name == "blackbox":  # the teacher behind a real OpenAI-compatible server, asked for text only
         sys.path.insert(0, str(REPO / "tests"))
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/teachers")
     p.add_argument("--steps", type=int, default=0, help="override schedule.steps (0: each config's)")
     p.add_argument("--wall", type=float, default=840.0, help="schedule.max_wall_seconds of each row")
+    p.add_argument("--seed", type=int, default=None, help="every row's seed (default: each config's)")
     args = p.parse_args()
     from onpolicy.config import load_config
     from onpolicy.prompts import PromptSource

@@ -77,6 +77,24 @@ def ray_session():
 
 
 # ---- started once per session and shared: servers and engines that tests only read from ----------------
+# Only the modules of one work unit use them (SHARED: "teachers"), so they are stopped as soon as its last test
+# on this process has run instead of at the end of the session: an idle vLLM engine still polls (~7% of a core
+# for the server's, ~4% for the in-actor teacher's, measured), and the rest of the suite wants that CPU.
+
+_RELEASE: dict[str, list] = {}  # work unit -> closers (each safe to call again at the session's end)
+
+
+def release_after_unit(unit: str, close) -> None:
+    """Call `close` once the last test of work unit `unit` on this process has run."""
+    _RELEASE.setdefault(unit, []).append(close)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    unit = unit_of(item.nodeid)
+    if unit in _RELEASE and (nextitem is None or unit_of(nextitem.nodeid) != unit):
+        for close in _RELEASE.pop(unit):
+            close()
+
 # (A test that kills, stops or reconfigures what it talks to starts its own: never one of these.)
 
 TEACHER_SERVICE_KEY = "session-teacher-key"
@@ -93,6 +111,7 @@ def vllm_server(tiny_teacher_dir):
     from onpolicy.toy import CHAT_TEMPLATE
 
     with start_vllm_server(tiny_teacher_dir, max_logprobs=8, extra_args=("--chat-template", str(CHAT_TEMPLATE))) as srv:
+        release_after_unit("teachers", srv.stop)
         yield srv
 
 
@@ -107,6 +126,7 @@ def teacher_service(tiny_teacher_dir):
     port = free_port()
     proc = start_teacher_server(tiny_teacher_dir, port, extra_env={"ONPOLICY_TEACHER_API_KEY": TEACHER_SERVICE_KEY})
     os.environ[TEACHER_SERVICE_KEY_ENV] = TEACHER_SERVICE_KEY
+    release_after_unit("teachers", lambda: stop_server(proc))
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", timeout=300, proc=proc)
         proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
@@ -125,6 +145,7 @@ def vllm_local_teacher(ray_session, tiny_teacher_dir):
 
     cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "teacher.backend=vllm"])
     teacher = open_teacher(cfg.teacher, seed=cfg.seed, resources=cfg.resources)
+    release_after_unit("teachers", teacher.close)
     yield teacher
     teacher.close()
 
