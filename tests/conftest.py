@@ -155,7 +155,7 @@ def reference_run(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path_factor
     """One undisturbed run of `runs.reference_cfg`, the yardstick of the driver, fault and learner-group tests
     (which run the same config with a fault, or with two learner ranks). What needs live actors is measured
     before they are closed (`runs.ReferenceRun`), so no test holds this run's engines."""
-    from runs import finish_reference
+    from tests.runs import finish_reference
 
     return finish_reference(tiny_model_dir, tiny_teacher_dir, tmp_path_factory.mktemp("reference"))
 

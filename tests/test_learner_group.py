@@ -84,11 +84,10 @@ def test_two_learner_ranks_lose_one_recover_and_learn_like_one(ray_session, tiny
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from runs import FIXED, STEPS, reference_cfg
-
     from onpolicy.driver import Run
     from onpolicy.metrics import read_metrics
     from onpolicy.status import read_status
+    from tests.runs import FIXED, STEPS, reference_cfg
     from tests.test_faults import _steps, _wait
     from tests.tolerances import FP32_KERNELS, assert_nested_close
 
