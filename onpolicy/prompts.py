@@ -4,7 +4,8 @@
 `jsonl` reads `{"prompt", "answer"?, "split"?}` lines (split is `train` (default), `heldout` or `ood`);
 `dataset` reads anything the `datasets` library does, plain text or chat conversations
 (`onpolicy.dataset_rows`). Every example with an answer is checked by exact match of the decoded
-completion against it.
+completion against it; a split reports accuracy only when every example has one (a JSONL line without
+`answer` has none: an empty answer is `"answer": ""`).
 
 Everything is checked when the source is built, before any engine starts: each file line (an
 object, a non-empty `prompt` string, a known split; errors name file:line), and, with
@@ -161,14 +162,16 @@ def read_prompts_file(path: Path) -> tuple[list[Example], list[Example], list[Ex
             raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one object per line: {shape}") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{where}: expected a JSON object, got a {type(rec).__name__}; each line is {shape}")  # noqa: TRY004
-        prompt, split, answer = rec.get("prompt"), rec.get("split", "train"), rec.get("answer", "")
+        prompt, split, answer = rec.get("prompt"), rec.get("split", "train"), rec.get("answer")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: `prompt` must be a non-empty string (got {prompt!r}); each line is {shape}")
         if split not in splits:
             raise ValueError(f"{where}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
-        if not isinstance(answer, (str, int, float)):
-            raise ValueError(f"{where}: `answer` must be text (got a {type(answer).__name__})")  # noqa: TRY004
-        splits[split].append(Example(prompt=prompt, answer=str(answer), where=where))
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{where}: `answer` must be text (got a {type(answer).__name__})")
+        # no answer: nothing to check (a split reports accuracy only when every line has one, and its
+        # evaluation then samples once, at temperature 1, instead of greedily as well)
+        splits[split].append(Example(prompt=prompt, answer=None if answer is None else str(answer), where=where))
     if not splits["train"]:
         raise ValueError(f"{path}: no training prompts (lines without split or with split=train)")
     return splits["train"], splits["heldout"], splits["ood"]

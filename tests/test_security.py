@@ -189,6 +189,19 @@ def test_prompts_file_errors_name_the_line(tmp_path):
         assert f"{f}:3" in str(err.value)
 
 
+def test_a_prompts_line_without_answer_has_none_and_an_empty_one_is_kept(tmp_path):
+    """No `answer`: nothing to check (the split reports no accuracy and its evaluation samples once, not
+    greedily as well); `"answer": ""` is an answer (the empty completion)."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", "answer": "", "split": "heldout"}\n'
+                 '{"prompt": "3+3=", "answer": 6, "split": "heldout"}\n{"prompt": "4+4=", "answer": null, "split": "ood"}\n')
+    train, heldout, ood = read_prompts_file(f)
+    assert [e.answer for e in train + heldout + ood] == [None, "", "6", None]
+    f.write_text('{"prompt": "1+1=", "answer": ["2"]}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: `answer` must be text \(got a list\)"):
+        read_prompts_file(f)
+
+
 def test_malformed_prompts_fail_before_any_engine_starts(tmp_path, tiny_model_dir, tiny_teacher_dir):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "1+1="}\n[1, 2]\n')
