@@ -130,7 +130,7 @@ def main() -> None:
         "schedule.max_staleness=0", "eval.every=0", f"eval.num_prompts={args.heldout}", "eval.ood_num_prompts=0",
         "checkpoint.every=0", "optim.warmup_steps=0",
     ]
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # each run's cwd is its tree: a relative folder would land in the other tree
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {k: [] for k in trees}
     for i in range(args.repeats):
