@@ -83,6 +83,28 @@ def test_run_routing_names_bounds_and_counts_each_run():
     assert ledger.replicas["r0"]["queued_sequences"] == 3
 
 
+def test_the_ledger_counts_a_request_once_under_its_idempotency_key():
+    """A replica that answered and died before its answer left: the client's retry of the same request, answered by
+    another replica, is a repeat, not a second request; a failed or refused attempt does not use up the key."""
+    ledger, gate = UsageLedger(), threading.Event()
+    gate.set()
+    replicas = [RunRouting(_gated_app(gate), per_run_in_flight=4, replica=f"r{i}", ledger=_Inline(ledger),
+                           queued=lambda: 0) for i in range(2)]
+    with (TestClient(replicas[0], raise_server_exceptions=False) as c0,
+          TestClient(replicas[1], raise_server_exceptions=False) as c1):
+        for c in (c0, c1):  # the same request answered by both replicas
+            assert c.post("/runs/a/v1/score", json={"ids": [1, 2, 3]}, headers={"Idempotency-Key": "k1"}).status_code == 200
+        assert c0.post("/runs/a/v1/score", json={"ids": [1]}, headers={"Idempotency-Key": "k2"}).status_code == 200
+        assert c0.post("/runs/a/v1/score", json={"bad": 1}, headers={"Idempotency-Key": "k3"}).status_code == 500
+        assert c1.post("/runs/a/v1/score", json={"ids": [1, 2]}, headers={"Idempotency-Key": "k3"}).status_code == 200
+        assert c0.post("/runs/b/v1/score", json={"ids": [1]}, headers={"Idempotency-Key": "k1"}).status_code == 200
+        assert c0.post("/runs/b/v1/score", json={"ids": [1]}).status_code == 200  # no key: always counted
+        assert c0.post("/runs/b/v1/score", json={"ids": [1]}).status_code == 200
+    a, b = ledger.runs["a"], ledger.runs["b"]
+    assert a["tokens_scored"] == 3 + 1 + 2 and a["repeats"] == 1 and a["requests"] == 4  # k1, k2, k3 failed, k3
+    assert b["tokens_scored"] == 3 and b["repeats"] == 0 and b["requests"] == 3  # keys are per run
+
+
 # ---- slow: one Serve application for the rest of the module ------------------------------------------------------
 @pytest.fixture(scope="module")
 def managed(ray_session, tiny_teacher_dir):

@@ -191,6 +191,11 @@ def test_5xx_then_success_is_retried(scripted, wire):
     assert out[0].logprobs == pytest.approx(expected(items(1)[0]))
     assert script.requests["score"] == 3
     assert snap["requests"] == 3 and snap["retries"] == 2 and snap["failures"] == 2
+    # every attempt of the request carried one idempotency key; the next request has its own
+    assert len(set(script.keys)) == 1 and script.keys[0] and len(script.keys[0]) == 32
+    with ServiceTeacher(url, **wire) as t:
+        t.score(items(1))
+    assert len(script.keys) == 4 and script.keys[3] != script.keys[0]
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])

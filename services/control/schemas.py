@@ -143,7 +143,8 @@ class ManagedView(BaseModel):
     queued_sequences: int = Field(description="Sequences waiting for an engine, summed over replicas.")
     runs: dict[str, dict[str, float]] = Field(
         description="Per run (its run id, or host-pid outside the control plane): requests, tokens_scored, "
-        "refused (429s of the per-run bound), seconds (summed latency), mean_latency_s, max_in_flight, last_seen.")
+        "refused (429s of the per-run bound), repeats (answers to a request already counted: a retry after a "
+        "replica answered and died), seconds (summed latency), mean_latency_s, max_in_flight, last_seen.")
     spec: dict[str, Any]
 
 

@@ -22,16 +22,20 @@ import json
 import logging
 import re
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 from ray import serve
+
+from onpolicy.teacher.clients.http import IDEMPOTENCY_HEADER
 
 log = logging.getLogger(__name__)
 LEDGER_NAMESPACE = "onpolicy-teachers"
 _RUN_PATH = re.compile(r"^/runs/([A-Za-z0-9_.:-]{1,128})(/.*)$")
 _TOKENS = re.compile(rb'"tokens_scored":\s*(\d+)')
 _QUEUED_PATHS = ("/v1/score", "/v1/generate")
+_KEY_HEADER = IDEMPOTENCY_HEADER.lower().encode()
+REMEMBERED_KEYS = 65536  # per run: the answered requests whose retries the ledger recognises
 
 
 def ledger_name(teacher_id: str) -> str:
@@ -39,24 +43,42 @@ def ledger_name(teacher_id: str) -> str:
 
 
 class UsageLedger:
-    """Per-run usage of one managed teacher, summed over its replicas (a Ray actor, one per teacher)."""
+    """Per-run usage of one managed teacher, summed over its replicas (a Ray actor, one per teacher).
+
+    A request is counted once however many replicas answered it: our client sends the same idempotency key on
+    every retry, and a replica can answer, report, and die before its answer leaves (the client then retries
+    elsewhere). A second answer under a key already counted adds to `repeats` only."""
 
     def __init__(self) -> None:
         self.runs: dict[str, dict[str, float]] = defaultdict(
-            lambda: {"requests": 0, "tokens_scored": 0, "refused": 0, "seconds": 0.0, "max_in_flight": 0,
-                     "last_seen": 0.0})
+            lambda: {"requests": 0, "tokens_scored": 0, "refused": 0, "repeats": 0, "seconds": 0.0,
+                     "max_in_flight": 0, "last_seen": 0.0})
         self.replicas: dict[str, dict[str, float]] = {}
+        self.answered: dict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
+
+    def _seen(self, run: str, key: str) -> bool:
+        """Whether `run` had an answer under `key` already; remembers it (the newest REMEMBERED_KEYS a run)."""
+        keys = self.answered[run]
+        if key in keys:
+            return True
+        keys[key] = None
+        if len(keys) > REMEMBERED_KEYS:
+            keys.popitem(last=False)
+        return False
 
     def record(self, replica: str, run: str, tokens: int, seconds: float, refused: bool, run_in_flight: int,
-               in_flight: int, queued: int) -> None:
+               in_flight: int, queued: int, key: str | None = None, answered: bool = True) -> None:
         r = self.runs[run]
+        self.replicas[replica] = {"in_flight": in_flight, "queued_sequences": queued, "updated": time.time()}
+        r["last_seen"] = time.time()
+        if key is not None and answered and not refused and self._seen(run, key):
+            r["repeats"] += 1
+            return
         r["requests"] += 1
         r["tokens_scored"] += tokens
         r["refused"] += int(refused)
         r["seconds"] += seconds
         r["max_in_flight"] = max(r["max_in_flight"], run_in_flight)
-        r["last_seen"] = time.time()
-        self.replicas[replica] = {"in_flight": in_flight, "queued_sequences": queued, "updated": time.time()}
 
     def snapshot(self) -> dict[str, Any]:
         return {"runs": {k: dict(v) for k, v in self.runs.items()},
@@ -91,12 +113,15 @@ class RunRouting:
             await send({"type": "http.response.body", "body": body})
             self._report(run, 0, t0, refused=True, run_in_flight=self.in_flight[run])
             return None
+        key = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == _KEY_HEADER), None)
         self.in_flight[run] += 1
-        tokens = 0
+        tokens, status = 0, 500
 
         async def counting_send(message: dict) -> None:
-            nonlocal tokens
-            if message["type"] == "http.response.body":  # usage comes last in the response body
+            nonlocal tokens, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":  # usage comes last in the response body
                 found = _TOKENS.search(message.get("body", b"")[-256:])
                 tokens = int(found.group(1)) if found else tokens
             await send(message)
@@ -105,12 +130,14 @@ class RunRouting:
             await self.app(scope, receive, counting_send)
         finally:
             self.in_flight[run] -= 1
-            self._report(run, tokens, t0, refused=False, run_in_flight=self.in_flight[run] + 1)
+            self._report(run, tokens, t0, refused=False, run_in_flight=self.in_flight[run] + 1, key=key,
+                         answered=status < 400)
 
-    def _report(self, run: str, tokens: int, t0: float, *, refused: bool, run_in_flight: int) -> None:
+    def _report(self, run: str, tokens: int, t0: float, *, refused: bool, run_in_flight: int,
+                key: str | None = None, answered: bool = False) -> None:
         try:  # fire and forget: usage is never worth a failed request
             self.ledger.record.remote(self.replica, run, tokens, time.perf_counter() - t0, refused,
-                                      run_in_flight, sum(self.in_flight.values()), self.queued())
+                                      run_in_flight, sum(self.in_flight.values()), self.queued(), key, answered)
         except Exception as err:  # noqa: BLE001 -- the ledger restarting
             log.debug("usage of run %s not recorded: %s", run, err)
 

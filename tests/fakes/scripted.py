@@ -54,6 +54,7 @@ class Script:
         self.scored: Counter[tuple] = Counter()
         self.binary = True  # answer the binary scores form when asked for it
         self.formats: Counter[str] = Counter()  # the form each score answer went out in
+        self.keys: list[str | None] = []  # each score request's Idempotency-Key, in arrival order
         self._lock = threading.Lock()
 
     def next(self) -> Any:
@@ -173,6 +174,7 @@ def make_scripted_teacher_app(script: Script, *, info: TeacherInfo | None = None
     @app.post("/v1/score")
     async def score(request: Request):
         script.requests["score"] += 1
+        script.keys.append(request.headers.get("idempotency-key"))
         if not _authorised(request):
             return JSONResponse({"detail": "bad token"}, status_code=401)
         req = ScoreRequest.model_validate(await request.json())

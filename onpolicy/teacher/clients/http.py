@@ -31,6 +31,7 @@ import math
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ from onpolicy.teacher.errors import TeacherRequestError, TeacherResponseError, T
 
 BreakerState = Literal["closed", "open", "half_open"]
 log = logging.getLogger(__name__)
+# Sent with every request, the same on each of its retries (the IETF draft's name for it).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +322,10 @@ class RobustClient:
         """Send one request, retrying transient failures; return the decoded JSON body (with `accept`: the
         `httpx.Response` itself, sent with that `Accept` header)."""
         attempt = 0  # retries spent while the breaker was closed
+        # One key for every attempt of this request: a server that answered an attempt whose reply was lost (its
+        # replica died before the answer left) can tell the retry is the same request (a managed teacher's
+        # usage ledger counts it once). Other servers ignore the header.
+        headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex} | ({} if accept is None else {"Accept": accept})
         waiting_since: float | None = None
         last_error = "none"
         first = True
@@ -331,8 +338,7 @@ class RobustClient:
             t0 = time.monotonic()
             try:
                 with self._slots:
-                    resp = self._http.request(method, path, json=body,
-                                              headers=None if accept is None else {"Accept": accept})
+                    resp = self._http.request(method, path, json=body, headers=headers)
             except httpx.TimeoutException as err:
                 last_error = f"timed out after {self.timeout_s}s ({type(err).__name__})"
             except httpx.RequestError as err:  # connection, protocol, decoding errors
