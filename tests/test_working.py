@@ -152,3 +152,32 @@ def test_teacher_does_the_long_working_and_the_student_partly():
     assert greedy_accuracy(ASSETS_DIR / "teacher", SPLITS.ood(64)) >= 0.8
     assert 0.15 <= greedy_accuracy(ASSETS_DIR / "student", heldout) <= 0.75
     assert greedy_accuracy(ASSETS_DIR / "student", SECOND_SKILL.heldout(64)) >= 0.8
+
+
+def test_working_errors_names_the_first_wrong_field_and_the_gradients_match_their_formulas():
+    """bench/working_errors.py: the first difference named by column and field, and its two gradient norms
+    against the closed forms (reverse KL: q_i (log q_i - log p_i - KL); forward KL: q - p), in float64."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from working_errors import first_error, logit_gradients
+
+    want = completion(492858, 16530)
+    assert want.startswith("8+0+0=08,5+3+0=08,8+5+0=13,2+6+1=09,")
+    got = want[:27] + "9" + want[28:]  # column 3's digit of a, copied one place off
+    assert first_error(got, want) == (27, "column 3 x")
+    assert first_error(want[:-1] + "0", want) == (len(want) - 1, "result")
+    assert first_error(want[:20], want) == (20, "column 2 y")  # stopped short
+
+    g = logit_gradients(0.996, 0.002, 0.999, 19)
+    q = torch.full((19,), 0.002 / 17, dtype=torch.float64)
+    q[0], q[1] = 0.996, 0.002
+    p = torch.full((19,), 0.001 / 18, dtype=torch.float64)
+    p[1] = 0.999
+    rkl = (q * (q.log() - p.log())).sum()
+    assert g["reverse_kl"] == pytest.approx(rkl.item(), rel=1e-12)
+    assert g["reverse_grad_norm"] == pytest.approx((q * (q.log() - p.log() - rkl)).norm().item(), rel=1e-9)
+    assert g["forward_grad_norm"] == pytest.approx((q - p).norm().item(), rel=1e-9)
+    assert g["forward_grad_norm"] > 20 * g["reverse_grad_norm"]  # the confidently wrong student's case
