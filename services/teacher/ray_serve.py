@@ -18,6 +18,8 @@ the teacher service stay independent (pyproject's import contracts).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import re
@@ -36,6 +38,7 @@ _TOKENS = re.compile(rb'"tokens_scored":\s*(\d+)')
 _QUEUED_PATHS = ("/v1/score", "/v1/generate")
 _KEY_HEADER = IDEMPOTENCY_HEADER.lower().encode()
 REMEMBERED_KEYS = 65536  # per run: the answered requests whose retries the ledger recognises
+LEDGER_WAIT_S = 2.0  # the longest an answer waits for the ledger to have counted it
 
 
 def ledger_name(teacher_id: str) -> str:
@@ -115,31 +118,58 @@ class RunRouting:
             return None
         key = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == _KEY_HEADER), None)
         self.in_flight[run] += 1
-        tokens, status = 0, 500
+        tokens, status, reported = 0, 500, False
 
         async def counting_send(message: dict) -> None:
-            nonlocal tokens, status
+            nonlocal tokens, status, reported
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":  # usage comes last in the response body
                 found = _TOKENS.search(message.get("body", b"")[-256:])
                 tokens = int(found.group(1)) if found else tokens
+                if not message.get("more_body", False):
+                    # Counted before the answer's last byte leaves: a replica killed after this point has
+                    # counted it (the client's retry, same idempotency key, is a repeat), one killed before has
+                    # not (the retry is counted where it is answered). Reported after sending, a kill in between
+                    # lost the count of an answered request.
+                    reported = True
+                    await self._report_now(run, tokens, t0, run_in_flight=self.in_flight[run], key=key,
+                                           answered=status < 400)
             await send(message)
 
         try:
             await self.app(scope, receive, counting_send)
         finally:
             self.in_flight[run] -= 1
-            self._report(run, tokens, t0, refused=False, run_in_flight=self.in_flight[run] + 1, key=key,
-                         answered=status < 400)
+            if not reported:  # the app failed before answering
+                self._report(run, tokens, t0, refused=False, run_in_flight=self.in_flight[run] + 1, key=key)
 
     def _report(self, run: str, tokens: int, t0: float, *, refused: bool, run_in_flight: int,
-                key: str | None = None, answered: bool = False) -> None:
-        try:  # fire and forget: usage is never worth a failed request
-            self.ledger.record.remote(self.replica, run, tokens, time.perf_counter() - t0, refused,
-                                      run_in_flight, sum(self.in_flight.values()), self.queued(), key, answered)
+                key: str | None = None, answered: bool = False) -> Any:
+        """Send one record to the ledger without waiting (its ObjectRef, or None if it could not be sent)."""
+        try:
+            return self.ledger.record.remote(self.replica, run, tokens, time.perf_counter() - t0, refused,
+                                             run_in_flight, sum(self.in_flight.values()), self.queued(), key,
+                                             answered)
         except Exception as err:  # noqa: BLE001 -- the ledger restarting
             log.debug("usage of run %s not recorded: %s", run, err)
+            return None
+
+    async def _report_now(self, run: str, tokens: int, t0: float, *, run_in_flight: int, key: str | None,
+                          answered: bool) -> None:
+        """Record an answer and wait until the ledger has it (at most LEDGER_WAIT_S: usage is never worth a
+        failed or stalled request)."""
+        ref = self._report(run, tokens, t0, refused=False, run_in_flight=run_in_flight, key=key, answered=answered)
+        if not inspect.isawaitable(ref):
+            return
+        try:
+            await asyncio.wait_for(_awaited(ref), LEDGER_WAIT_S)
+        except Exception as err:  # noqa: BLE001 -- a slow or restarting ledger: answer anyway
+            log.debug("usage of run %s not confirmed by the ledger: %s", run, err)
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref
 
 
 @serve.deployment(name="teacher")
