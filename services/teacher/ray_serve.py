@@ -163,13 +163,10 @@ class RunRouting:
         if not inspect.isawaitable(ref):
             return
         try:
-            await asyncio.wait_for(_awaited(ref), LEDGER_WAIT_S)
+            await asyncio.wait_for(ref, LEDGER_WAIT_S)  # a Ray ObjectRef is awaitable
         except Exception as err:  # noqa: BLE001 -- a slow or restarting ledger: answer anyway
             log.debug("usage of run %s not confirmed by the ledger: %s", run, err)
 
-
-async def _awaited(ref: Any) -> Any:
-    return await ref
 
 
 @serve.deployment(name="teacher")
