@@ -99,18 +99,3 @@ def _wait(cond, timeout, what):
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_eval_honours_teacher_kind_service(ray_session, tiny_model_dir, tiny_teacher_dir, tmp_path):
-    """`onpolicy eval` scores through the configured teacher (here our service), not a local engine."""
-    from onpolicy.eval_student import eval_student
-    from onpolicy.teacher.local.engines import HFTeacher
-    from services.teacher.app import create_app
-
-    counting = CountingTeacher(HFTeacher(str(tiny_teacher_dir)))
-    with ServerThread(create_app(counting, model_name="tiny-teacher")) as server:
-        cfg = _cfg(tiny_model_dir, tmp_path, "service", server.url, "eval.num_prompts=24", "eval.ood_num_prompts=8")
-        metrics = eval_student(cfg, str(tiny_model_dir))
-    assert metrics["heldout_reverse_kl"] > 0 and 0 <= metrics["heldout_accuracy"] <= 1
-    assert "ood_reverse_kl" in metrics
-    assert counting.scored["sequences"] == 24 + 8  # every held-out and OOD sample, scored by the service

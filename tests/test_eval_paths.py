@@ -61,6 +61,9 @@ def test_eval_and_export_eval_send_the_runs_prompts_and_stop_at_the_end_of_turn(
     own_template = chat_tokenizer()  # the tokenizer's own template renders other prompts
     assert expected != {tuple(p) for p in encode_prompts(own_template, checked.source.heldout)}
     im_end = checked.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # `onpolicy eval` scores every held-out sample through the configured teacher (here a service), once
+    batches = scripts["eval"].scored
+    assert sum(n * len(b) for b, n in batches.items()) == len(checked.source.heldout), batches.values()
     for name, script in scripts.items():
         seqs = scored(script)
         assert {p for p, _ in seqs} == expected, name  # the run's prompts, data.chat_template applied

@@ -200,3 +200,29 @@ def test_ratio_reads_a_lower_bound_when_sft_never_gets_there():
     res["methods"]["sft"] = method(None)
     value, text = quality.ratio(res)
     assert value == 8.0 and text.startswith(">= 8.0x")
+
+
+def test_the_length_sweep_tabulates_and_plots_the_ratio_at_each_length(tmp_path):
+    """What a sweep over lengths adds to one length's results: per length, sft's tokens, the best on-policy arm
+    (the `on_policy*` arm that got there on the fewest) and the ratio; a length where sft never got there reads
+    as a lower bound. The smoke in tests/test_working_run.py runs one length through real arms."""
+    def method(tokens, most=4e6):
+        pts = [{"step": 0, "teacher_tokens": 0, "heldout_accuracy": 0.1},
+               {"step": 9, "teacher_tokens": most, "heldout_accuracy": 0.2}]
+        return {"crossings": {"0": None if tokens is None else {"tokens": tokens, "below": tokens / 1.2}},
+                "seeds": {"0": pts}}
+
+    results = {
+        "short": {"answer_tokens": 20.0, "methods": {"sft": method(2e5), "on_policy": method(2e5),
+                                                     "on_policy_fkl": method(1e5)}},
+        "long": {"answer_tokens": 60.0, "methods": {"sft": method(None, most=3e6), "on_policy": method(5e5),
+                                                    "on_policy_fkl": method(None)}},
+    }
+    assert [quality.best_on_policy(r) for r in results.values()] == ["on_policy_fkl", "on_policy"]
+    lines = quality.format_ratios(results).splitlines()
+    assert len(lines) == 3
+    assert lines[1].split()[:2] == ["short", "20.0"] and lines[1].endswith("on_policy_fkl: 0.100M  2.0x")
+    assert lines[2].split()[:2] == ["long", "60.0"] and "not reached" in lines[2]
+    assert lines[2].endswith("on_policy: 0.500M  >= 6.0x (sft did not reach it within 3.000M tokens)")
+    quality.plot_ratios(results, tmp_path / "ratio.png")
+    assert (tmp_path / "ratio.png").read_bytes()[:4] == b"\x89PNG"

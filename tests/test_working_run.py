@@ -1,6 +1,6 @@
 """The working task end to end, cut to a couple of steps: `onpolicy demo --config configs/working.yaml` on the
 committed models (retention, the unseen split and the per-token KL's tail in its report, metrics and plot),
-and `bench/quality.py`'s answer-length sweep as a 2-step smoke (the measured sweep is docs/quality.md's)."""
+and `bench/quality.py` as a 2-step smoke on one length of its answer-length sweep (the measured sweep is docs/quality.md's)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ def test_working_demo_reports_retention_unseen_and_the_tail(ray_session, tmp_pat
 
 
 def test_length_sweep_smoke(ray_session, tmp_path):
-    """Two lengths x on-policy and sft, one lr, one seed, 2 steps each: the arms run, the crossing table and
-    the sft / on-policy ratio are read, the plot is written (the numbers mean nothing at 2 steps)."""
+    """One length x on-policy and sft, one lr, one seed, 2 steps each: the arms run through `onpolicy train`,
+    the crossing table is read and the curves plotted (the numbers mean nothing at 2 steps). What only the
+    sweep over lengths adds is pure and tested on made-up points (tests/test_eval_stats.py: the ratio per
+    length, its table and plot; tests/test_working.py: the lengths' answer sizes), so one length runs here."""
     from onpolicy.working.build import build_working_models
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -53,15 +55,14 @@ def test_length_sweep_smoke(ray_session, tmp_path):
 
     build_working_models(tmp_path / "working")
     summary = quality.main([
-        "--lengths", "short,long", "--methods", "on_policy,sft", "--lrs", "1e-3", "--seeds", "0", "--steps", "2",
+        "--lengths", "short", "--methods", "on_policy,sft", "--lrs", "1e-3", "--seeds", "0", "--steps", "2",
         "--eval-prompts", "8", "--models", str(tmp_path / "working"), "--out", str(tmp_path / "q"),
-        "--png", str(tmp_path / "ratio.png"), "rollout.prompts_per_step=4"])
-    for length in ("short", "long"):
-        res = summary["lengths"][length]
-        assert set(res["methods"]) == {"on_policy", "sft"} and res["teacher_heldout_accuracy"] >= 0.9
-        points = res["methods"]["on_policy"]["seeds"]["0"]
+        "rollout.prompts_per_step=4"])
+    res = summary["lengths"]["short"]
+    assert set(res["methods"]) == {"on_policy", "sft"} and res["teacher_heldout_accuracy"] >= 0.9
+    for method in ("on_policy", "sft"):
+        points = res["methods"][method]["seeds"]["0"]
         assert [p["step"] for p in points] == [0, 1, 2] and points[-1]["teacher_tokens"] > 0
-    # Operands of 5-6 digits against 1-2: three times the columns, so about three times the answer (~60 vs ~20).
-    assert summary["lengths"]["long"]["answer_tokens"] > 2.5 * summary["lengths"]["short"]["answer_tokens"]
-    assert (tmp_path / "ratio.png").read_bytes()[:4] == b"\x89PNG"
+    assert 10 < res["answer_tokens"] < 30  # 1-2 digit operands: ~19 characters of working + EOS
+    assert (tmp_path / "q" / "quality_short.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "q" / "quality.json").read_text())["steps"] == 2
