@@ -312,6 +312,7 @@ def plot_ratios(results: dict, path: Path) -> None:
     for x, (r, text) in enumerate(ratios):
         ax_r.text(x, (r or 0) + 0.05, text.split(" (")[0], ha="center")
     ax_r.axhline(1.0, ls=":", c="grey")
+    ax_r.set_ylim(0, 1.15 * max([1.0, *(r for r, _ in ratios if r is not None)]))  # room for the labels
     ax_t.set(xlabel="working written out", ylabel="teacher tokens to 90% of the teacher's EM (M)",
              title="Teacher tokens to the target")
     ax_r.set(xlabel="working written out", ylabel="sft / on-policy teacher tokens",
