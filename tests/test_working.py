@@ -111,6 +111,52 @@ def test_the_addition_task_has_an_unseen_split_too():
     assert not PromptSource(load_config(None, []).data, cfg.eval, 0).unseen  # off unless asked for
 
 
+def test_the_keep_config_is_the_demo_plus_a_self_share_of_the_probed_skill():
+    """configs/working-keep.yaml is configs/working.yaml with a quarter of the prompts sent to `self`, and those
+    prompts are the skill the retention probe watches: so bench/retention.py compares the cure, nothing else."""
+    import yaml
+
+    demo, keep = (yaml.safe_load((ROOT / "configs" / f"{n}.yaml").read_text()) for n in ("working", "working-keep"))
+    changed = {"name", "output_dir", "teacher", "teachers", "data"}
+    assert {k: v for k, v in demo.items() if k not in changed} == {k: v for k, v in keep.items() if k not in changed}
+    cfg = load_config(ROOT / "configs" / "working-keep.yaml")
+    main, kept = cfg.data.sources
+    by_name = {t.name: t for t in cfg.teacher_list()}
+    assert by_name[main.teacher].model == demo["teacher"]["model"] and by_name[kept.teacher].kind == "self"
+    assert {t.top_k for t in by_name.values()} == {demo["teacher"]["top_k"]}  # exact: the whole vocabulary
+    assert main.data.model_dump() == load_config(ROOT / "configs" / "working.yaml").data.model_dump()
+    assert kept.weight / (kept.weight + main.weight) == 0.25
+    assert kept.data.model_dump() == cfg.eval.retention[0].data.model_dump()
+
+
+def test_retention_bench_reads_a_finished_run(tmp_path):
+    """bench/retention.py's row: the distillation task's exact match is the `main` source's in a mixture and the
+    whole held-out set's otherwise; the gap and the probe's figures are read from summary.json."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import retention
+
+    for name, before, after in (("mixture", {"source_main_heldout_accuracy": 0.5, "heldout_accuracy": 0.7},
+                                 {"source_main_heldout_accuracy": 0.95, "heldout_accuracy": 0.9}),
+                                ("single", {"heldout_accuracy": 0.5}, {"heldout_accuracy": 0.95})):
+        run = tmp_path / name
+        run.mkdir()
+        probe = {"accuracy_before": 0.93, "accuracy_after": 0.0, "drop": 0.93, "max_drop": 0.05,
+                 "reverse_kl_to_start_after": 2.3, "flagged": True}
+        (run / "summary.json").write_text(json.dumps({"steps": 300, "distill_wall_seconds": 150.0, "before": before,
+                                                      "after": after, "retention": {"subtraction": probe}}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            {"kind": "eval", "step": 0}, {"kind": "train", "step": 1, "teacher_tokens_processed": 10},
+            {"kind": "train", "step": 2, "teacher_tokens_processed": 25}, {"kind": "eval", "step": 2})) + "\n")
+        row = retention.row_result(name, 0, run, teacher=1.0)
+        assert (row["before"], row["after"], row["teacher_tokens"]) == (0.5, 0.95, 25)
+        assert row["gap_closed"] == pytest.approx(0.9) and row["flagged"] and row["kept_after"] == 0.0
+    assert "| 0.930 -> **0.000** | 2.300 | yes |" in retention.render([row])
+    assert retention.row_result("single", 0, tmp_path / "single", teacher=0.4)["gap_closed"] is None
+
+
 # ---- the committed models ----------------------------------------------------------------------------------
 
 def test_specs_hash_apart_and_the_student_is_smaller():
